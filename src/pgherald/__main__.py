@@ -1,0 +1,3 @@
+from pgherald.cli import main
+
+main()
