@@ -1,0 +1,550 @@
+"""Logical capture: pgoutput over the streaming replication protocol, exactly once into the log.
+
+The flow of one session:
+
+1. Check the slot. A slot that vanished or was invalidated while the change log holds a
+   checkpoint means changes may have been lost: we stop and say so, and only an explicit
+   resync recreates it. (Silently recreating it is the classic way CDC tools lose data.)
+2. ``START_REPLICATION`` from the change log's checkpoint (psycopg 3 cannot speak the
+   replication protocol, so this part uses psycopg2's replication connection).
+3. Decode each message (``pgoutput.decode``) and turn row messages into ``ChangeEvent``s
+   (``TransactionAssembler``, pure and tested on its own).
+4. Hand events to the ``CaptureSink`` in batches; a large transaction is written in
+   several batches inside one open store transaction, so memory stays bounded.
+5. At a transaction boundary, when the batch is full, old enough, or the stream is idle,
+   ``sink.commit(end_lsn)`` stores events and checkpoint atomically; only then is the LSN
+   reported to PostgreSQL as flushed, so the server may recycle that WAL.
+"""
+
+from __future__ import annotations
+
+import logging
+import select
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Protocol
+
+import psycopg
+import psycopg2
+import psycopg2.errors
+import psycopg2.extensions
+import psycopg2.extras
+
+from pgherald.errors import CaptureError
+from pgherald.events import ChangeEvent, RowImage, Unchanged
+from pgherald.events.model import ColumnSpec, RowShape
+from pgherald.sources import logical_admin
+from pgherald.sources.pgoutput import (
+    Begin,
+    Commit,
+    Delete,
+    Insert,
+    LogicalMessage,
+    Origin,
+    Relation,
+    Truncate,
+    TypeMsg,
+    Update,
+    decode,
+)
+
+log = logging.getLogger("pgherald.logical")
+
+HEARTBEAT_PREFIX = "pgherald.heartbeat"
+
+
+def format_lsn(lsn: int) -> str:
+    return f"{lsn >> 32:X}/{lsn & 0xFFFFFFFF:X}"
+
+
+def parse_lsn(text: str) -> int:
+    hi, lo = text.split("/")
+    return (int(hi, 16) << 32) | int(lo, 16)
+
+
+@dataclass(frozen=True)
+class LogicalWatch:
+    """What the logical source needs to know of one watch."""
+
+    name: str
+    schema: str
+    table: str
+    key_columns: tuple[str, ...]
+    columns: tuple[str, ...] | None = None
+    ignore_columns: tuple[str, ...] = ()
+
+
+class CaptureSink(Protocol):
+    """Where captured events go: the composition root backs it with the change log."""
+
+    def write(self, events: Sequence[ChangeEvent]) -> None:
+        """Adds events to the open store transaction (opening one if needed)."""
+
+    def commit(self, position: str) -> None:
+        """Commits the written events with the checkpoint ``position``; durable on return."""
+
+    def rollback(self) -> None:
+        """Forgets everything written since the last commit."""
+
+    def checkpoint(self) -> str | None:
+        """The last committed position, or None when nothing was ever stored."""
+
+
+TypeNames = Callable[[Iterable[int]], Mapping[int, str]]
+
+
+@dataclass
+class _RelationState:
+    watch: LogicalWatch
+    relation: Relation
+    shape: RowShape
+    projection: tuple[int, ...] | None  # indexes of the watched columns, None = all
+    key_index: tuple[int, ...]  # indexes into the projected row
+    key_shape: RowShape
+    compare_index: tuple[int, ...]  # projected columns whose change counts
+
+
+def _project(values: tuple[Any, ...], projection: tuple[int, ...] | None) -> tuple[Any, ...]:
+    if projection is None:
+        return values
+    return tuple(values[i] for i in projection)
+
+
+@dataclass
+class TransactionAssembler:
+    """Turns decoded pgoutput messages into change events; no I/O, so it is easy to test.
+
+    ``type_names`` resolves type OIDs to printable names (one catalog query per new
+    relation, not per row).
+    """
+
+    watches: Sequence[LogicalWatch]
+    type_names: TypeNames
+    relations: dict[int, _RelationState] = field(default_factory=dict)
+    _by_table: dict[tuple[str, str], LogicalWatch] = field(default_factory=dict)
+    _known_shapes: dict[tuple[str, str], RowShape] = field(default_factory=dict)
+    xid: int | None = None
+    commit_lsn: int = 0
+    commit_time: datetime | None = None
+    seq: int = 0
+    captured_at: datetime = field(default_factory=lambda: datetime.now(UTC))
+
+    def __post_init__(self) -> None:
+        self._by_table = {(w.schema, w.table): w for w in self.watches}
+
+    def seed_shape(self, schema: str, table: str, shape: RowShape) -> None:
+        """Tells the assembler the last shape stored, so a change while we were down is seen."""
+        self._known_shapes[(schema, table)] = shape
+
+    def begin(self, msg: Begin) -> None:
+        self.xid = msg.xid
+        self.commit_lsn = msg.final_lsn
+        self.commit_time = msg.commit_time
+        self.seq = 0
+        self.captured_at = datetime.now(UTC)
+
+    def _event_id(self) -> str:
+        self.seq += 1
+        return f"L/{self.commit_lsn:016X}/{self.seq}"
+
+    def _event(
+        self,
+        state: _RelationState,
+        op: Any,
+        key: Mapping[str, Any],
+        old: RowImage | None,
+        new: RowImage | None,
+        changed: tuple[str, ...] = (),
+        old_values: Any = "none",
+        meta: Mapping[str, Any] | None = None,
+    ) -> ChangeEvent:
+        event_id = self._event_id()
+        return ChangeEvent(
+            event_id=event_id,
+            watch=state.watch.name,
+            op=op,
+            schema=state.watch.schema,
+            table=state.watch.table,
+            key=key,
+            old=old,
+            new=new,
+            changed=changed,
+            xid=self.xid,
+            position=format_lsn(self.commit_lsn),
+            commit_time=self.commit_time,
+            captured_at=self.captured_at,
+            method="logical",
+            seq=self.seq,
+            old_values=old_values,
+            meta=meta or {},
+        )
+
+    def relation(self, msg: Relation) -> Iterator[ChangeEvent]:
+        watch = self._by_table.get((msg.namespace, msg.name))
+        if watch is None:
+            self.relations.pop(msg.oid, None)
+            return
+        names = [c.name for c in msg.columns]
+        wanted = set(watch.columns) | set(watch.key_columns) if watch.columns else None
+        projection = (
+            tuple(i for i, n in enumerate(names) if n in wanted) if wanted is not None else None
+        )
+        cols = _project(msg.columns, projection)
+        types = self.type_names(c.type_oid for c in cols)
+        shape = RowShape(
+            tuple(
+                ColumnSpec(c.name, c.type_oid, types.get(c.type_oid, str(c.type_oid))) for c in cols
+            )
+        )
+        missing = [k for k in watch.key_columns if k not in shape]
+        if missing:
+            raise CaptureError(
+                f"watch {watch.name!r}: key column(s) {', '.join(missing)} no longer exist in"
+                f" {msg.namespace}.{msg.name}; re-create the watch with a valid --key"
+            )
+        key_index = tuple(shape.index(k) for k in watch.key_columns)
+        key_shape = RowShape(tuple(shape.columns[i] for i in key_index))
+        ignored = set(watch.ignore_columns)
+        compare = tuple(i for i, n in enumerate(shape.names) if n not in ignored)
+        previous = self.relations.get(msg.oid)
+        before = (
+            previous.shape
+            if previous is not None
+            else self._known_shapes.get((watch.schema, watch.table))
+        )
+        state = _RelationState(watch, msg, shape, projection, key_index, key_shape, compare)
+        self.relations[msg.oid] = state
+        self._known_shapes[(watch.schema, watch.table)] = shape
+        if before is not None and before != shape and self.xid is not None:
+            yield self._event(
+                state, "schema", {}, None, None, meta=describe_shape_change(before, shape)
+            )
+
+    def _key(self, state: _RelationState, values: tuple[Any, ...]) -> dict[str, Any]:
+        names = state.shape.names
+        return {names[i]: values[i] for i in state.key_index}
+
+    def insert(self, msg: Insert) -> ChangeEvent | None:
+        state = self.relations.get(msg.relation_oid)
+        if state is None:
+            return None
+        values = _project(msg.new, state.projection)
+        return self._event(
+            state, "insert", self._key(state, values), None, RowImage(state.shape, values)
+        )
+
+    def update(self, msg: Update) -> ChangeEvent | None:
+        state = self.relations.get(msg.relation_oid)
+        if state is None:
+            return None
+        new_values = _project(msg.new, state.projection)
+        key = self._key(state, new_values)
+        meta: dict[str, Any] = {}
+        if msg.old_kind == "O" and msg.old is not None:
+            old_values = _project(msg.old, state.projection)
+            if any(isinstance(v, Unchanged) for v in new_values):
+                # REPLICA IDENTITY FULL: the old row is complete, so it fills unchanged TOAST.
+                new_values = tuple(
+                    o if isinstance(n, Unchanged) else n
+                    for n, o in zip(new_values, old_values, strict=True)
+                )
+            changed = tuple(
+                state.shape.names[i] for i in state.compare_index if old_values[i] != new_values[i]
+            )
+            if not changed:
+                return None  # only ignored columns changed (or nothing at all)
+            old_key = self._key(state, old_values)
+            if old_key != key:
+                meta["old_key"] = old_key
+            return self._event(
+                state,
+                "update",
+                key,
+                RowImage(state.shape, old_values),
+                RowImage(state.shape, new_values),
+                changed,
+                "replica_identity",
+                meta,
+            )
+        if msg.old_kind == "K" and msg.old is not None:
+            old_values = _project(msg.old, state.projection)
+            meta["old_key"] = self._key(state, old_values)
+        return self._event(state, "update", key, None, RowImage(state.shape, new_values), meta=meta)
+
+    def delete(self, msg: Delete) -> ChangeEvent | None:
+        state = self.relations.get(msg.relation_oid)
+        if state is None:
+            return None
+        values = _project(msg.old, state.projection)
+        key = self._key(state, values)
+        if msg.old_kind == "O":
+            return self._event(
+                state,
+                "delete",
+                key,
+                RowImage(state.shape, values),
+                None,
+                old_values="replica_identity",
+            )
+        key_image = RowImage(state.key_shape, tuple(values[i] for i in state.key_index))
+        return self._event(state, "delete", key, key_image, None)
+
+    def truncate(self, msg: Truncate) -> Iterator[ChangeEvent]:
+        for oid in msg.relation_oids:
+            state = self.relations.get(oid)
+            if state is not None:
+                yield self._event(
+                    state,
+                    "truncate",
+                    {},
+                    None,
+                    None,
+                    meta={"cascade": msg.cascade, "restart_identity": msg.restart_identity},
+                )
+
+
+def describe_shape_change(before: RowShape, after: RowShape) -> dict[str, Any]:
+    """Says which columns were added, dropped, renamed or retyped, for people to read."""
+    b = {c.name: c for c in before.columns}
+    a = {c.name: c for c in after.columns}
+    added = [n for n in a if n not in b]
+    dropped = [n for n in b if n not in a]
+    renamed: list[list[str]] = []
+    # A rename shows as one column dropped and one added at the same position with the same type.
+    for old_name in list(dropped):
+        pos = before.names.index(old_name)
+        if pos < len(after.columns):
+            cand = after.columns[pos]
+            if cand.name in added and cand.type_oid == b[old_name].type_oid:
+                renamed.append([old_name, cand.name])
+                added.remove(cand.name)
+                dropped.remove(old_name)
+    retyped = [
+        [n, b[n].type_name, a[n].type_name] for n in a if n in b and a[n].type_oid != b[n].type_oid
+    ]
+    return {
+        "columns_before": [[c.name, c.type_name] for c in before.columns],
+        "columns_after": [[c.name, c.type_name] for c in after.columns],
+        "added": added,
+        "dropped": dropped,
+        "renamed": renamed,
+        "retyped": retyped,
+    }
+
+
+@dataclass(frozen=True)
+class LogicalSettings:
+    """Tuning and identity of one logical source."""
+
+    dsn: str
+    slot: str = "pgherald"
+    publication: str = "pgherald"
+    batch_size: int = 5000
+    max_batch_delay: float = 0.05
+    status_interval: int = 1
+    reconnect_min: float = 0.5
+    reconnect_max: float = 30.0
+    resync: bool = False
+
+
+class LogicalSource:
+    """Runs replication sessions until stopped, reconnecting with backoff when one drops."""
+
+    def __init__(self, settings: LogicalSettings, watches: Sequence[LogicalWatch]) -> None:
+        self.settings = settings
+        self.watches = list(watches)
+        self.stored_lsn = 0
+        self.connected = threading.Event()
+        self._type_cache: dict[int, str] = {}
+
+    # -- catalog helpers (psycopg 3, a normal connection) ------------------------------
+
+    def _type_names(self, conn: psycopg.Connection[Any]) -> TypeNames:
+        def lookup(oids: Iterable[int]) -> Mapping[int, str]:
+            wanted = [o for o in set(oids) if o not in self._type_cache]
+            if wanted:
+                rows = conn.execute(
+                    "SELECT oid::int8, format_type(oid, NULL) FROM pg_type WHERE oid = ANY(%s)",
+                    (wanted,),
+                ).fetchall()
+                for oid, name in rows:
+                    self._type_cache[int(oid)] = str(name)
+            return self._type_cache
+
+        return lookup
+
+    def prepare_slot(self, conn: psycopg.Connection[Any], checkpoint: str | None) -> None:
+        """Makes sure the slot exists, refusing to recreate one that held unstored changes."""
+        info = logical_admin.slot_info(conn, self.settings.slot)
+        lost = info is not None and info.wal_status == "lost"
+        if info is None or lost:
+            if checkpoint is not None and not self.settings.resync:
+                what = "was invalidated (wal_status = lost)" if lost else "no longer exists"
+                raise CaptureError(
+                    f"replication slot {self.settings.slot!r} {what}, but the change log was at"
+                    f" {checkpoint}: changes made since then may be lost. Run again with --resync"
+                    " to recreate the slot (and take a fresh snapshot), accepting that gap"
+                )
+            if lost:
+                logical_admin.drop_slot(conn, self.settings.slot)
+            logical_admin.create_slot(conn, self.settings.slot)
+        elif info.plugin != "pgoutput":
+            raise CaptureError(
+                f"replication slot {self.settings.slot!r} uses plugin {info.plugin!r},"
+                " not pgoutput; choose another --slot name"
+            )
+        tables = [(w.schema, w.table) for w in self.watches]
+        logical_admin.ensure_publication(conn, self.settings.publication, tables)
+
+    # -- the replication session -----------------------------------------------------
+
+    def run(self, sink: CaptureSink, stop: threading.Event) -> None:
+        """Captures until ``stop`` is set; transient connection failures are retried."""
+        delay = self.settings.reconnect_min
+        while not stop.is_set():
+            try:
+                self._session(sink, stop)
+                delay = self.settings.reconnect_min
+            except (
+                psycopg2.OperationalError,
+                psycopg2.InterfaceError,
+                psycopg.OperationalError,
+            ) as e:
+                self.connected.clear()
+                sink.rollback()
+                if stop.is_set():
+                    return
+                log.warning(
+                    "replication connection lost (%s); reconnecting in %.1fs",
+                    str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__,
+                    delay,
+                )
+                stop.wait(delay)
+                delay = min(delay * 2, self.settings.reconnect_max)
+
+    def _session(self, sink: CaptureSink, stop: threading.Event) -> None:
+        checkpoint = sink.checkpoint()
+        with psycopg.connect(self.settings.dsn, autocommit=True) as catalog:
+            self.prepare_slot(catalog, checkpoint)
+            assembler = TransactionAssembler(self.watches, self._type_names(catalog))
+            self.stored_lsn = parse_lsn(checkpoint) if checkpoint else 0
+            repl = psycopg2.connect(
+                self.settings.dsn, connection_factory=psycopg2.extras.LogicalReplicationConnection
+            )
+            try:
+                cur = repl.cursor()
+                try:
+                    cur.start_replication(
+                        slot_name=self.settings.slot,
+                        decode=False,
+                        start_lsn=self.stored_lsn,
+                        options={
+                            "proto_version": "1",
+                            "publication_names": self.settings.publication,
+                        },
+                        status_interval=self.settings.status_interval,
+                    )
+                except psycopg2.errors.ObjectInUse as e:
+                    raise CaptureError(
+                        f"replication slot {self.settings.slot!r} is in use by another process;"
+                        " is another pgherald capturing?"
+                    ) from e
+                self.connected.set()
+                log.info(
+                    "capturing from slot %s at %s", self.settings.slot, checkpoint or "its start"
+                )
+                self._stream(cur, assembler, sink, stop)
+                self._acknowledge(cur, force=True)
+            finally:
+                self.connected.clear()
+                repl.close()
+
+    def _acknowledge(self, cur: Any, force: bool = False) -> None:
+        if self.stored_lsn:
+            cur.send_feedback(flush_lsn=self.stored_lsn, force=force)
+
+    def _stream(
+        self, cur: Any, asm: TransactionAssembler, sink: CaptureSink, stop: threading.Event
+    ) -> None:
+        s = self.settings
+        buffer: list[ChangeEvent] = []
+        in_txn = False
+        skip_txn = False
+        pending_end = 0  # end LSN of the last complete transaction not yet committed to the store
+        pending_since = 0.0
+        pending_events = 0
+        fd = cur.connection.fileno()
+
+        def flush() -> None:
+            nonlocal pending_end, pending_events
+            if buffer:
+                sink.write(buffer)
+                buffer.clear()
+            sink.commit(format_lsn(pending_end))
+            self.stored_lsn = pending_end
+            pending_end = 0
+            pending_events = 0
+            self._acknowledge(cur)
+
+        while not stop.is_set():
+            msg = cur.read_message()
+            if msg is None:
+                if pending_end and not in_txn:
+                    flush()
+                select.select([fd], [], [], 0.2)
+                continue
+            m = decode(msg.payload)
+            if isinstance(m, Begin):
+                in_txn = True
+                # A transaction already stored (a replay after a crash) is skipped whole.
+                skip_txn = m.final_lsn < self.stored_lsn
+                asm.begin(m)
+            elif isinstance(m, Commit):
+                in_txn = False
+                if skip_txn:
+                    continue
+                if not pending_end:
+                    pending_since = time.monotonic()
+                pending_end = m.end_lsn
+                if (
+                    pending_events + len(buffer) >= s.batch_size
+                    or time.monotonic() - pending_since >= s.max_batch_delay
+                ):
+                    flush()
+            elif skip_txn:
+                continue
+            elif isinstance(m, Insert):
+                ev = asm.insert(m)
+                if ev is not None:
+                    buffer.append(ev)
+            elif isinstance(m, Update):
+                ev = asm.update(m)
+                if ev is not None:
+                    buffer.append(ev)
+            elif isinstance(m, Delete):
+                ev = asm.delete(m)
+                if ev is not None:
+                    buffer.append(ev)
+            elif isinstance(m, Relation):
+                buffer.extend(asm.relation(m))
+            elif isinstance(m, Truncate):
+                buffer.extend(asm.truncate(m))
+            elif isinstance(m, TypeMsg | Origin | LogicalMessage):
+                pass
+            else:
+                raise CaptureError(f"unexpected replication message {type(m).__name__}")
+            if len(buffer) >= s.batch_size:
+                # Large transactions go to the store in pieces, inside one store transaction.
+                pending_events += len(buffer)
+                sink.write(buffer)
+                buffer.clear()
+        if pending_end and not in_txn:
+            flush()
+
+
+def emit_heartbeat(conn: psycopg.Connection[Any]) -> None:
+    """Writes a tiny non-transactional WAL message, so an idle database's slot can advance."""
+    conn.execute("SELECT pg_logical_emit_message(false, %s, '')", (HEARTBEAT_PREFIX,))
