@@ -1,1 +1,289 @@
-"""(being built)"""
+"""Typed settings, gathered from defaults, a TOML file, ``PGHERALD_*`` variables and flags.
+
+Every front end (the CLI, the Python API, the web app) builds one frozen ``Settings`` and
+hands it on, so that nothing deeper down reads the environment on its own and the same
+configuration always means the same thing. Sources, lowest priority first::
+
+    defaults < TOML file < PGHERALD_* environment variables < command-line flags
+
+The TOML file is ``--config``, else ``$PGHERALD_CONFIG``, else ``./pgherald.toml`` when it
+exists. Connection settings follow libpq: the DSN may be a ``key=value`` string or a URI,
+and whatever it leaves out (host, user, password, ...) comes from the ``PG*`` variables and
+``~/.pgpass``, which libpq reads itself; an empty DSN means "libpq defaults only".
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any, Final, Literal, cast, get_args
+
+from pgherald.db.connect import parse_dsn, redact_dsn
+from pgherald.errors import ConfigError
+
+TableMethod = Literal["logical", "trigger", "snapshot"]
+"""Capture methods that watch a table (``listen`` watches channels, not tables)."""
+
+TABLE_METHODS: Final[tuple[str, ...]] = get_args(TableMethod)
+LOG_LEVELS: Final[tuple[str, ...]] = ("debug", "info", "warning", "error")
+DEFAULT_CONFIG_FILE: Final = "pgherald.toml"
+ENV_PREFIX: Final = "PGHERALD_"
+
+
+@dataclass(frozen=True)
+class WatchSpec:
+    """A watch declared in the configuration file (``[[watch]]``).
+
+    ``table`` is written as on the command line (``schema.table`` or ``table``, with SQL
+    quoting for unusual names); the column lists are exact column names, because a TOML
+    list already separates them and needs no quoting.
+    """
+
+    table: str
+    name: str | None = None
+    method: TableMethod | None = None
+    columns: tuple[str, ...] | None = None
+    ignore_columns: tuple[str, ...] = ()
+    key: tuple[str, ...] | None = None
+    replica_identity_full: bool = False
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything pgherald needs to know to run, after all sources were merged.
+
+    ``batch_size`` bounds how many events are appended to the change log in one round
+    trip; ``batch_interval`` bounds how long (seconds) a partial batch may wait, so that
+    latency stays low when changes trickle in.
+    """
+
+    dsn: str = ""
+    schema: str = "pgherald"
+    slot: str = "pgherald"
+    publication: str = "pgherald"
+    method: TableMethod = "logical"
+    batch_size: int = 1000
+    batch_interval: float = 0.2
+    log_level: str = "info"
+    watches: tuple[WatchSpec, ...] = ()
+    config_file: Path | None = field(default=None, compare=False)
+
+    def redacted_dsn(self) -> str:
+        """The DSN as it is safe to show: every password replaced by ``***``."""
+        return redacted_dsn(self.dsn)
+
+    def with_overrides(self, **overrides: Any) -> Settings:
+        """A copy with some settings replaced and checked, e.g. from command-line flags."""
+        unknown = set(overrides) - _SCALAR_FIELDS.keys()
+        if unknown:
+            raise ConfigError(f"unknown setting {sorted(unknown)[0]!r}")
+        checked = {
+            k: _coerce(k, v, f"setting {k!r}") for k, v in overrides.items() if v is not None
+        }
+        return replace(self, **checked)
+
+
+def redacted_dsn(dsn: str) -> str:
+    """``dsn`` with passwords masked, as ``key=value`` pairs; never echoes an unparsable DSN.
+
+    An unparsable DSN is not shown at all, because libpq's parse error quotes the text
+    around the mistake, which may well be part of the password.
+    """
+    return redact_dsn(dsn)
+
+
+def check_dsn(dsn: str) -> str:
+    """Returns ``dsn`` if libpq can parse it; the error never quotes the DSN itself."""
+    parse_dsn(dsn)
+    return dsn
+
+
+# -- coercion of raw values ---------------------------------------------------------------
+
+_SCALAR_FIELDS: Final[dict[str, type]] = {
+    "dsn": str,
+    "schema": str,
+    "slot": str,
+    "publication": str,
+    "method": str,
+    "batch_size": int,
+    "batch_interval": float,
+    "log_level": str,
+}
+_NAME_FIELDS: Final = ("schema", "slot", "publication")
+_WATCH_KEYS: Final = frozenset(f.name for f in fields(WatchSpec))
+
+
+def _coerce(key: str, value: Any, where: str) -> Any:
+    """Turns a raw value (TOML value, environment text, flag) into the setting's type."""
+    kind = _SCALAR_FIELDS[key]
+    if kind is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{where} must be a whole number, not {value!r}")
+        try:
+            number = int(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where} must be a whole number, not {value!r}") from None
+        if number < 1:
+            raise ConfigError(f"{where} must be at least 1, not {number}")
+        return number
+    if kind is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{where} must be a number of seconds, not {value!r}")
+        try:
+            seconds = float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where} must be a number of seconds, not {value!r}") from None
+        if not 0 <= seconds <= 3600:
+            raise ConfigError(f"{where} must be between 0 and 3600 seconds, not {seconds}")
+        return seconds
+    if not isinstance(value, str):
+        raise ConfigError(f"{where} must be a string, not {value!r}")
+    if key == "dsn":
+        return check_dsn(value)
+    if key == "method":
+        return _method(value, where)
+    if key == "log_level":
+        level = value.lower()
+        if level not in LOG_LEVELS:
+            raise ConfigError(f"{where} must be one of {', '.join(LOG_LEVELS)}, not {value!r}")
+        return level
+    if key in _NAME_FIELDS:
+        return check_object_name(value, where)
+    return value
+
+
+def _method(value: str, where: str) -> TableMethod:
+    if value not in TABLE_METHODS:
+        raise ConfigError(f"{where} must be one of {', '.join(TABLE_METHODS)}, not {value!r}")
+    return cast(TableMethod, value)
+
+
+def check_object_name(value: str, where: str) -> str:
+    """Checks a name pgherald gives a server object (its schema, slot, publication).
+
+    PostgreSQL would silently truncate a name longer than 63 bytes, and then pgherald would
+    look for an object that does not exist under the name it was given; refuse it instead.
+    """
+    if not value:
+        raise ConfigError(f"{where} must not be empty")
+    if len(value.encode()) > 63:
+        raise ConfigError(f"{where} is longer than PostgreSQL's 63-byte limit for names")
+    if "\x00" in value:
+        raise ConfigError(f"{where} must not contain a NUL character")
+    return value
+
+
+def _string_list(value: Any, where: str) -> tuple[str, ...]:
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+        raise ConfigError(f"{where} must be a list of column names")
+    return tuple(value)
+
+
+def _watch_spec(raw: Any, where: str) -> WatchSpec:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where} must be a table ([[watch]])")
+    unknown = sorted(set(raw) - _WATCH_KEYS)
+    if unknown:
+        raise ConfigError(
+            f"unknown key {unknown[0]!r} in {where}; known keys: {', '.join(sorted(_WATCH_KEYS))}"
+        )
+    table = raw.get("table")
+    if not isinstance(table, str) or not table:
+        raise ConfigError(f'{where} needs table = "schema.table"')
+    name = raw.get("name")
+    if name is not None and (not isinstance(name, str) or not name):
+        raise ConfigError(f"{where}.name must be a non-empty string")
+    method = raw.get("method")
+    if method is not None:
+        if not isinstance(method, str):
+            raise ConfigError(f"{where}.method must be a string")
+        method = _method(method, f"{where}.method")
+    full = raw.get("replica_identity_full", False)
+    if not isinstance(full, bool):
+        raise ConfigError(f"{where}.replica_identity_full must be true or false")
+    return WatchSpec(
+        table=table,
+        name=name,
+        method=method,
+        columns=_string_list(raw["columns"], f"{where}.columns") if "columns" in raw else None,
+        ignore_columns=_string_list(raw.get("ignore_columns", []), f"{where}.ignore_columns"),
+        key=_string_list(raw["key"], f"{where}.key") if "key" in raw else None,
+        replica_identity_full=full,
+    )
+
+
+# -- the sources --------------------------------------------------------------------------
+
+
+def read_toml(path: Path) -> dict[str, Any]:
+    """The checked contents of a configuration file, as ``Settings`` keyword arguments."""
+    try:
+        with path.open("rb") as f:
+            raw = tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"configuration file {path} does not exist") from None
+    except OSError as e:
+        raise ConfigError(f"cannot read configuration file {path}: {e.strerror}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"configuration file {path} is not valid TOML: {e}") from None
+    values: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key == "watch":
+            if not isinstance(value, list):
+                raise ConfigError(f"{path}: 'watch' must be an array of tables ([[watch]])")
+            values["watches"] = tuple(
+                _watch_spec(w, f"{path}: [[watch]] #{i + 1}") for i, w in enumerate(value)
+            )
+        elif key in _SCALAR_FIELDS:
+            values[key] = _coerce(key, value, f"{path}: {key}")
+        else:
+            known = ", ".join([*_SCALAR_FIELDS, "watch"])
+            raise ConfigError(f"{path}: unknown key {key!r}; known keys: {known}")
+    return values
+
+
+def read_env(env: Mapping[str, str]) -> dict[str, Any]:
+    """Settings from ``PGHERALD_<SETTING>`` variables (``PGHERALD_DSN``, ``PGHERALD_SCHEMA``...).
+
+    Empty variables count as unset, as in most shells' idea of "not configured". Other
+    ``PGHERALD_*`` names are left alone: they may belong to other tools or to tests.
+    """
+    values: dict[str, Any] = {}
+    for key in _SCALAR_FIELDS:
+        raw = env.get(ENV_PREFIX + key.upper())
+        if raw:
+            values[key] = _coerce(key, raw, f"{ENV_PREFIX}{key.upper()}")
+    return values
+
+
+def config_path(explicit: str | os.PathLike[str] | None, env: Mapping[str, str]) -> Path | None:
+    """Which configuration file applies: the flag, ``$PGHERALD_CONFIG``, or ``./pgherald.toml``."""
+    if explicit:
+        return Path(explicit)
+    if env.get(ENV_PREFIX + "CONFIG"):
+        return Path(env[ENV_PREFIX + "CONFIG"])
+    default = Path(DEFAULT_CONFIG_FILE)
+    return default if default.is_file() else None
+
+
+def load_settings(
+    config_file: str | os.PathLike[str] | None = None,
+    env: Mapping[str, str] | None = None,
+    **overrides: Any,
+) -> Settings:
+    """Merges defaults, the TOML file, ``PGHERALD_*`` variables and ``overrides`` (flags).
+
+    ``None`` overrides are ignored, so a CLI can pass every flag, given or not.
+    """
+    env = os.environ if env is None else env
+    path = config_path(config_file, env)
+    values: dict[str, Any] = read_toml(path) if path is not None else {}
+    values.update(read_env(env))
+    settings = Settings(**values, config_file=path)
+    return settings.with_overrides(**overrides)
