@@ -414,22 +414,29 @@ def _cstring(buf: bytes, pos: int) -> tuple[str, int]:
         raise _Malformed(f"string is not valid UTF-8 ({e.reason})", pos + e.start) from None
 
 
-def _tuple(buf: bytes, pos: int) -> tuple[Row, int]:
+def _tuple(
+    buf: bytes,
+    pos: int,
+    unpack_u16: Callable[[bytes, int], tuple[int]] = _U16.unpack_from,
+    unpack_u32: Callable[[bytes, int], tuple[int]] = _U32.unpack_from,
+    unchanged: Unchanged = UNCHANGED_TOAST,
+) -> tuple[Row, int]:
     """Reads TupleData at ``pos``: Int16 column count, then one kind byte (+ value) each.
 
     This is the innermost loop of capture, hence the inlined branches ordered by
-    frequency and the one bounds check per value.
+    frequency, the one bounds check per value and the default arguments (locals are
+    faster to reach than globals); callers never pass them.
     """
     size = len(buf)
     try:
-        (count,) = _U16.unpack_from(buf, pos)
+        (count,) = unpack_u16(buf, pos)
         pos += 2
         values: list[Value] = []
         append = values.append
         for _ in range(count):
             kind = buf[pos]
             if kind == 116:  # 't': Int32 length, then text
-                (length,) = _U32.unpack_from(buf, pos + 1)
+                (length,) = unpack_u32(buf, pos + 1)
                 pos += 5
                 end = pos + length
                 if end > size:
@@ -440,10 +447,10 @@ def _tuple(buf: bytes, pos: int) -> tuple[Row, int]:
                 append(None)
                 pos += 1
             elif kind == 117:  # 'u': unchanged TOASTed value
-                append(UNCHANGED_TOAST)
+                append(unchanged)
                 pos += 1
             elif kind == 98:  # 'b': Int32 length, then the type's binary form
-                (length,) = _U32.unpack_from(buf, pos + 1)
+                (length,) = unpack_u32(buf, pos + 1)
                 pos += 5
                 end = pos + length
                 if end > size:
