@@ -178,10 +178,8 @@ def check_object_name(value: str, where: str) -> str:
 
 
 def _string_list(value: Any, where: str) -> tuple[str, ...]:
-    if isinstance(value, str):
-        value = [value]
     if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
-        raise ConfigError(f"{where} must be a list of column names")
+        raise ConfigError(f'{where} must be a list of column names, e.g. ["id", "name"]')
     return tuple(value)
 
 
