@@ -1,0 +1,380 @@
+"""The change log: appending batches of change events, and reading them back in order.
+
+Appending is the capture hot path, so a batch costs a fixed handful of round trips
+whatever its size: the events are COPYed into a temporary staging table, and a few
+set-based statements (sent as one pipeline) store the batch's row shapes, complete
+updates that lack their old row from the log itself, and insert events and field rows
+with one ``INSERT ... SELECT ... ON CONFLICT (event_id) DO NOTHING``. The last makes a
+replayed batch harmless, which is what exactly-once into the log rests on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, NamedTuple, cast
+
+import psycopg
+from psycopg.rows import TupleRow, tuple_row
+from psycopg.types.json import Jsonb
+
+from pgherald.events.model import (
+    UNCHANGED_TOAST,
+    CaptureMethod,
+    ChangeEvent,
+    ColumnSpec,
+    OldValuesSource,
+    Operation,
+    RowImage,
+    RowShape,
+    Text,
+    Unchanged,
+)
+from pgherald.store.queries import query
+from pgherald.store.session import (
+    DEFAULT_SCHEMA,
+    RESTORE,
+    check_schema_name,
+    enter_sql,
+    in_schema,
+    transaction_for,
+)
+
+
+class StoredEvent(NamedTuple):
+    """An event as the log holds it: its log id (the log's order) and the event."""
+
+    id: int
+    event: ChangeEvent
+
+
+@dataclass(frozen=True, slots=True)
+class _ShapeInfo:
+    shape: RowShape  # held so that the id() it is cached under is never reused
+    digest: str
+    columns: list[list[Any]]
+
+
+def shape_columns(shape: RowShape) -> list[list[Any]]:
+    """The shape as stored: an ordered ``[name, type_oid, type_name]`` list."""
+    return [[c.name, c.type_oid, c.type_name] for c in shape.columns]
+
+
+def shape_digest(columns: list[list[Any]]) -> str:
+    """A digest that names a shape: same columns, types and order, same digest."""
+    canonical = json.dumps(columns, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
+def shape_from_columns(columns: Sequence[Sequence[Any]]) -> RowShape:
+    return RowShape(tuple(ColumnSpec(str(n), int(oid), str(tn)) for n, oid, tn in columns))
+
+
+def row_key_of(key: Mapping[str, Any]) -> str | None:
+    """The key columns' texts as a compact JSON array, in key order; ``None`` without a key."""
+    if not key:
+        return None
+    values = [v if v is None or isinstance(v, str) else str(v) for v in key.values()]
+    return json.dumps(values, separators=(",", ":"), ensure_ascii=False)
+
+
+def _json_dumps(value: Any) -> str:
+    return json.dumps(value, default=str, ensure_ascii=False)
+
+
+def _texts(image: RowImage) -> tuple[list[str | None], list[str] | None]:
+    """The image's texts with NULL for unchanged TOAST, and the names of those columns."""
+    texts = image.texts
+    if UNCHANGED_TOAST not in texts:
+        return cast(list[str | None], list(texts)), None
+    names = image.shape.names
+    out: list[str | None] = []
+    unchanged: list[str] = []
+    for i, t in enumerate(texts):
+        if isinstance(t, Unchanged):
+            out.append(None)
+            unchanged.append(names[i])
+        else:
+            out.append(t)
+    return out, unchanged
+
+
+def _key_changed(event: ChangeEvent) -> bool:
+    """Whether an update moved the row to another key (its previous version is elsewhere)."""
+    old_key = event.meta.get("old_key") if event.meta else None
+    if isinstance(old_key, Mapping) and dict(old_key) != dict(event.key):
+        return True
+    old = event.old
+    if old is None or not event.key:
+        return False
+    for name, value in event.key.items():
+        if name in old.shape:
+            text = old.text(name)
+            if text is not None and not isinstance(text, Unchanged) and text != value:
+                return True
+    return False
+
+
+class ChangeLog:
+    """The change log of one store schema, used through one connection.
+
+    Row shapes are remembered per instance (so per connection), keyed by the shape
+    object: a batch's thousands of events share a few shapes, whose digests are computed
+    once. Shapes are matched to their ids inside PostgreSQL by digest, in the same
+    transaction as the events, so a rolled-back batch can never leave the instance
+    holding the id of a shape row that no longer exists.
+    """
+
+    def __init__(self, conn: psycopg.Connection[Any], schema: str = DEFAULT_SCHEMA) -> None:
+        check_schema_name(schema)
+        self.conn = conn
+        self.schema = schema
+        self._shapes_by_obj: dict[int, _ShapeInfo] = {}
+        self._shapes_by_id: dict[int, RowShape] = {}
+
+    # -- appending ---------------------------------------------------------------------
+
+    def _shape(self, shape: RowShape) -> _ShapeInfo:
+        info = self._shapes_by_obj.get(id(shape))
+        if info is not None and info.shape is shape:
+            return info
+        columns = shape_columns(shape)
+        info = _ShapeInfo(shape, shape_digest(columns), columns)
+        self._shapes_by_obj[id(shape)] = info
+        return info
+
+    def _stage_row(
+        self, ord_: int, e: ChangeEvent, batch_shapes: dict[str, Any]
+    ) -> tuple[Any, ...]:
+        old, new = e.old, e.new
+        shape_digest_: str | None = None
+        old_shape_digest: str | None = None
+        old_values = new_values = unchanged = old_unchanged = None
+        if new is not None:
+            info = self._shape(new.shape)
+            shape_digest_ = info.digest
+            batch_shapes[info.digest] = info.columns
+            new_values, unchanged = _texts(new)
+        if old is not None:
+            info = self._shape(old.shape)
+            batch_shapes[info.digest] = info.columns
+            if shape_digest_ is None:
+                shape_digest_ = info.digest
+            elif info.digest != shape_digest_:
+                old_shape_digest = info.digest
+            old_values, old_unchanged = _texts(old)
+        key_changed = False
+        if e.op == "update":
+            key_changed = _key_changed(e)
+            if unchanged and old is not None and new is not None and old_values is not None:
+                # The old row (REPLICA IDENTITY FULL, triggers) fills unchanged TOAST itself.
+                old_unch = set(old_unchanged or ())
+                still: list[str] = []
+                for name in unchanged:
+                    if name in old.shape and name not in old_unch:
+                        assert new_values is not None
+                        new_values[new.shape.index(name)] = old_values[old.shape.index(name)]
+                    else:
+                        still.append(name)
+                unchanged = still or None
+        row_key = row_key_of(e.key)
+        fill = (
+            e.op == "update"
+            and row_key is not None
+            and new is not None
+            and not key_changed
+            and (old is None or bool(unchanged))
+        )
+        return (
+            ord_,
+            e.event_id,
+            e.watch,
+            e.op,
+            e.schema,
+            e.table,
+            row_key,
+            list(e.key),
+            shape_digest_,
+            old_shape_digest,
+            old_values,
+            new_values,
+            unchanged,
+            old_unchanged,
+            list(dict.fromkeys(e.changed)),
+            e.xid,
+            e.position,
+            e.commit_time,
+            e.captured_at,
+            e.method,
+            e.seq,
+            e.old_values,
+            Jsonb(dict(e.meta), dumps=_json_dumps),
+            fill,
+        )
+
+    def append(self, events: Sequence[ChangeEvent]) -> int:
+        """Stores a batch in the caller's transaction (never commits); returns how many were new.
+
+        Idempotent by ``event_id``: an id already in the log (or earlier in the batch) is
+        skipped, and so are its field rows. Updates without their old row (REPLICA IDENTITY
+        DEFAULT) or with unchanged TOAST values are completed inside PostgreSQL from the
+        previous version of the row (the previous event of the same watch and key in the
+        batch, else the latest stored one), and marked ``old_values='change_log'``; where
+        no previous version exists the old row stays unknown and unfilled columns are
+        kept as ``UNCHANGED_TOAST``. On an autocommit connection the batch is a transaction
+        of its own.
+        """
+        if not events:
+            return 0
+        batch_shapes: dict[str, Any] = {}
+        seen: set[str] = set()
+        rows: list[tuple[Any, ...]] = []
+        for e in events:
+            if e.event_id in seen:
+                continue
+            seen.add(e.event_id)
+            rows.append(self._stage_row(len(rows), e, batch_shapes))
+        needs_fill = any(row[-1] for row in rows)
+        conn = self.conn
+        with transaction_for(conn):
+            conn.execute(enter_sql(self.schema, query("create_stage")))
+            with conn.cursor() as cur, cur.copy(query("copy_stage")) as copy:
+                for row in rows:
+                    copy.write_row(row)
+            with conn.pipeline():
+                conn.execute(
+                    query("upsert_shapes"),
+                    {
+                        "digests": list(batch_shapes),
+                        "columns": [Jsonb(c) for c in batch_shapes.values()],
+                    },
+                )
+                if needs_fill:
+                    conn.execute(query("fill_from_log"))
+                counted = conn.cursor(row_factory=tuple_row)
+                counted.execute(query("insert_events"))
+                conn.execute(RESTORE)
+            result = counted.fetchone()
+        return int(result[0]) if result else 0
+
+    # -- reading -----------------------------------------------------------------------
+
+    def _cursor(self) -> psycopg.Cursor[TupleRow]:
+        return self.conn.cursor(row_factory=tuple_row)
+
+    def _load_shapes(self, ids: set[int]) -> None:
+        missing = [i for i in ids if i not in self._shapes_by_id]
+        if not missing:
+            return
+        for shape_id, columns in self._cursor().execute(query("get_shapes"), {"ids": missing}):
+            self._shapes_by_id[int(shape_id)] = shape_from_columns(columns)
+
+    def read(
+        self,
+        watch: str | None = None,
+        after_id: int = 0,
+        limit: int = 1000,
+        op: str | None = None,
+    ) -> list[StoredEvent]:
+        """Events after log id ``after_id``, in log order, rebuilt with text values."""
+        params = {"watch": watch, "after_id": after_id, "limit": limit, "op": op}
+        name = "read_events" if watch is None else "read_watch_events"
+        with in_schema(self.conn, self.schema):
+            rows = self._cursor().execute(query(name), params).fetchall()
+            ids = {r[8] for r in rows if r[8] is not None} | {
+                r[9] for r in rows if r[9] is not None
+            }
+            self._load_shapes(ids)
+        return [StoredEvent(int(r[0]), self._event(r)) for r in rows]
+
+    def _image(
+        self, shape_id: int | None, values: list[str | None] | None, unchanged: list[str] | None
+    ) -> RowImage | None:
+        if values is None or shape_id is None:
+            return None
+        shape = self._shapes_by_id[shape_id]
+        texts: list[Text] = list(values)
+        for name in unchanged or ():
+            texts[shape.index(name)] = UNCHANGED_TOAST
+        return RowImage(shape, tuple(texts))
+
+    def _event(self, r: tuple[Any, ...]) -> ChangeEvent:
+        (
+            _id,
+            event_id,
+            watch,
+            op,
+            schema_name,
+            table_name,
+            row_key,
+            key_columns,
+            shape_id,
+            old_shape_id,
+            old_values,
+            new_values,
+            unchanged,
+            old_unchanged,
+            changed,
+            xid,
+            position,
+            commit_time,
+            captured_at,
+            method,
+            seq,
+            old_values_source,
+            meta,
+        ) = r
+        key: dict[str, Any] = {}
+        if row_key is not None:
+            key = dict(zip(key_columns, json.loads(row_key), strict=True))
+        return ChangeEvent(
+            event_id=event_id,
+            watch=watch,
+            op=cast(Operation, op),
+            schema=schema_name,
+            table=table_name,
+            key=key,
+            old=self._image(old_shape_id or shape_id, old_values, old_unchanged),
+            new=self._image(shape_id, new_values, unchanged),
+            changed=tuple(changed or ()),
+            xid=xid,
+            position=position,
+            commit_time=cast(datetime | None, commit_time),
+            captured_at=captured_at,
+            method=cast(CaptureMethod, method),
+            seq=seq,
+            old_values=cast(OldValuesSource, old_values_source),
+            meta=meta if meta is not None else {},
+        )
+
+    def last_id(self) -> int:
+        """The log id of the newest event (0 for an empty log): where a reader starts to tail."""
+        with in_schema(self.conn, self.schema):
+            row = self._cursor().execute(query("last_event_id")).fetchone()
+        return int(row[0]) if row else 0
+
+    def find_id(self, event_id: str) -> int | None:
+        """The log id of the event with this ``event_id``, if the log has it."""
+        with in_schema(self.conn, self.schema):
+            row = self._cursor().execute(query("find_event_id"), {"event_id": event_id}).fetchone()
+        return int(row[0]) if row else None
+
+    def last_shape(self, schema_name: str, table_name: str) -> RowShape | None:
+        """The row shape of a table's latest stored row event, to notice a schema change
+        that happened while capture was down."""
+        with in_schema(self.conn, self.schema):
+            row = (
+                self._cursor()
+                .execute(
+                    query("last_table_shape"),
+                    {"schema_name": schema_name, "table_name": table_name},
+                )
+                .fetchone()
+            )
+        return shape_from_columns(row[0]) if row else None
+
+
+__all__ = ["ChangeLog", "StoredEvent", "row_key_of", "shape_digest"]
