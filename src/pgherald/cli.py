@@ -1,8 +1,522 @@
-"""The ``pgherald`` command (placeholder until the CLI lands)."""
+"""The ``pgherald`` command: a thin shell over ``pgherald.admin``, ``doctor`` and ``app``.
+
+Every expected failure (anything pgherald raises on purpose, a database that refuses a
+statement) becomes one line on stderr, ``pgherald: <what is wrong and how to fix it>``,
+and exit status 1; usage errors exit with 2, as click does. Tracebacks are for bugs.
+
+Connection options (``--config``, ``--dsn``, ``--schema``, ``--slot``, ``--publication``)
+are accepted both before and after the command name (``pgherald --dsn X init`` and
+``pgherald init --dsn X``), and the settings are only read when a command needs them, so
+``--help`` works whatever state the configuration is in.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import sys
+import threading
+from collections.abc import Callable, Iterable
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Final, TypeVar
 
 import click
+import psycopg
+
+from pgherald import __version__, admin
+from pgherald.config import LOG_LEVELS, TABLE_METHODS, Settings, load_settings
+from pgherald.errors import PgHeraldError
+from pgherald.events import UNCHANGED_TOAST, ChangeEvent, RowImage
+
+F = TypeVar("F", bound=Callable[..., Any])
+_OPTIONS_KEY: Final = "pgherald.options"
+_VALUE_WIDTH: Final = 60
 
 
-@click.group()
+# -- settings from options ------------------------------------------------------------------
+
+
+def _remember(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
+    """Keeps a connection option given at any level; later (inner) ones win."""
+    if value is not None and param.name is not None:
+        ctx.meta.setdefault(_OPTIONS_KEY, {})[param.name] = value
+    return value
+
+
+def connection_options(f: F) -> F:
+    """The options that say where pgherald's database and objects are."""
+    hidden: dict[str, Any] = {"expose_value": False, "callback": _remember}
+    options = [
+        click.option(
+            "--config",
+            type=click.Path(dir_okay=False, path_type=Path),
+            help="TOML configuration file (default: $PGHERALD_CONFIG, else ./pgherald.toml).",
+            **hidden,
+        ),
+        click.option(
+            "--dsn",
+            help="libpq connection string or URI; unset parts come from PG* variables and"
+            " ~/.pgpass.",
+            **hidden,
+        ),
+        click.option("--schema", help="Schema of pgherald's store (default: pgherald).", **hidden),
+        click.option("--slot", help="Replication slot name (default: pgherald).", **hidden),
+        click.option("--publication", help="Publication name (default: pgherald).", **hidden),
+        click.option(
+            "--log-level",
+            type=click.Choice(LOG_LEVELS, case_sensitive=False),
+            help="Log level (default: info).",
+            **hidden,
+        ),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def settings_of(ctx: click.Context) -> Settings:
+    """The merged settings: defaults < file < ``PGHERALD_*`` < flags."""
+    cached = ctx.meta.get("pgherald.settings")
+    if isinstance(cached, Settings):
+        return cached
+    options = dict(ctx.meta.get(_OPTIONS_KEY, {}))
+    config = options.pop("config", None)
+    settings = load_settings(config, **options)
+    ctx.meta["pgherald.settings"] = settings
+    return settings
+
+
+# -- error handling -------------------------------------------------------------------------
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+class HeraldGroup(click.Group):
+    """A click group that turns expected errors into one line and exit status 1."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except PgHeraldError as e:
+            _fail(ctx, str(e))
+        except psycopg.Error as e:
+            # The server refused something (a privilege, a lock, a constraint): that is
+            # about the database, not a bug here, so say what PostgreSQL said.
+            primary = getattr(e, "diag", None) and e.diag.message_primary
+            state = f" [{e.sqlstate}]" if e.sqlstate else ""
+            logging.getLogger("pgherald").debug("database error", exc_info=True)
+            _fail(ctx, f"PostgreSQL said: {primary or str(e).splitlines()[0]}{state}")
+        except BrokenPipeError:
+            # `pgherald changes | head`: the reader has all it wants.
+            sys.stderr.close()
+            ctx.exit(0)
+
+
+def _fail(ctx: click.Context, message: str) -> None:
+    click.echo(f"pgherald: {_one_line(message)}", err=True)
+    ctx.exit(1)
+
+
+@click.group(cls=HeraldGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, "-V", "--version", prog_name="pgherald")
+@connection_options
 def main() -> None:
-    """pgherald tells people and programs what changed in their PostgreSQL tables."""
+    """pgherald tells people and programs what changed in their PostgreSQL tables.
+
+    Start with `pgherald doctor`, then `pgherald init`, `pgherald watch add TABLE` and
+    `pgherald run`; `pgherald changes` lists what was captured.
+    """
+
+
+# -- install, migrate, uninstall -------------------------------------------------------------
+
+
+@main.command()
+@connection_options
+@click.pass_context
+def init(ctx: click.Context) -> None:
+    """Install pgherald's store (harmless to repeat) and the configuration's watches."""
+    settings = settings_of(ctx)
+    result = admin.init(settings)
+    schema = admin.show_name(result.schema)
+    if result.installed:
+        click.echo(f"installed pgherald's store in schema {schema} (version {result.version})")
+    else:
+        click.echo(
+            f"pgherald's store is already installed in schema {schema}"
+            f" (version {result.version}); nothing to do"
+        )
+    for name in result.watches_added:
+        click.echo(f"added watch {name!r} from the configuration file")
+
+
+@main.command()
+@connection_options
+@click.pass_context
+def migrate(ctx: click.Context) -> None:
+    """Upgrade pgherald's store to this version's schema."""
+    result = admin.migrate(settings_of(ctx))
+    schema = admin.show_name(result.schema)
+    if result.from_version == result.to_version:
+        click.echo(f"store in schema {schema} is up to date (version {result.to_version})")
+    else:
+        click.echo(
+            f"migrated store in schema {schema} from version {result.from_version}"
+            f" to {result.to_version}"
+        )
+
+
+@main.command()
+@click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation.")
+@connection_options
+@click.pass_context
+def uninstall(ctx: click.Context, yes: bool) -> None:
+    """Remove everything pgherald created: triggers, publication, slot and store."""
+    settings = settings_of(ctx)
+    if not yes and not click.confirm(
+        f"Remove pgherald's store (schema {admin.show_name(settings.schema)}, with its change"
+        f" log), its triggers, publication {settings.publication!r} and replication slot"
+        f" {settings.slot!r} from {settings.redacted_dsn()}?",
+        err=True,
+    ):
+        _fail(ctx, "uninstall cancelled; nothing was removed (pass --yes to skip the question)")
+    result = admin.uninstall(settings)
+    for item in result.removed:
+        click.echo(f"removed {item}")
+    for item in result.kept:
+        click.echo(f"kept {item}")
+    if not result.removed:
+        click.echo("nothing to remove: pgherald is not installed here")
+
+
+# -- watches ----------------------------------------------------------------------------------
+
+
+@main.group(cls=HeraldGroup)
+def watch() -> None:
+    """Add, list and remove watches."""
+
+
+def _columns(value: str | None) -> tuple[str, ...] | None:
+    return None if value is None else admin.parse_column_list(value)
+
+
+@watch.command("add")
+@click.argument("table")
+@click.option("--columns", help="Only these columns (comma-separated SQL names).")
+@click.option("--ignore-columns", help="Changes to only these columns are not reported.")
+@click.option("--key", help="Columns that identify a row (default: the primary key).")
+@click.option("--name", help="Name of the watch (default: the table's name).")
+@click.option(
+    "--method",
+    type=click.Choice(TABLE_METHODS),
+    help="Capture method (default: from the configuration, else logical).",
+)
+@click.option(
+    "--replica-identity-full",
+    is_flag=True,
+    help="Set REPLICA IDENTITY FULL so updates and deletes carry whole old rows.",
+)
+@connection_options
+@click.pass_context
+def watch_add(
+    ctx: click.Context,
+    table: str,
+    columns: str | None,
+    ignore_columns: str | None,
+    key: str | None,
+    name: str | None,
+    method: str | None,
+    replica_identity_full: bool,
+) -> None:
+    """Watch TABLE (schema.table, or table in public; quote unusual names as in SQL)."""
+    added = admin.add_watch(
+        settings_of(ctx),
+        table,
+        columns=_columns(columns),
+        ignore_columns=_columns(ignore_columns) or (),
+        key=_columns(key),
+        name=name,
+        method=method,
+        replica_identity_full=replica_identity_full,
+    )
+    w = added.watch
+    keys = ", ".join(admin.show_name(k) for k in w.key_columns)
+    click.echo(
+        f"added watch {w.name!r} on {admin.show_name(w.schema_name or '', w.table_name or '')}"
+        f" ({w.method} capture, key: {keys})"
+    )
+    for note in added.notes:
+        click.echo(f"  note: {note}")
+
+
+def _watch_dict(w: Any) -> dict[str, Any]:
+    fields = (
+        "name",
+        "schema_name",
+        "table_name",
+        "method",
+        "key_columns",
+        "columns",
+        "ignore_columns",
+        "query",
+        "options",
+        "enabled",
+        "created_at",
+        "last_run_at",
+        "last_success_at",
+        "last_error",
+        "changes_seen",
+        "status",
+    )
+    out: dict[str, Any] = {}
+    for f in fields:
+        value = getattr(w, f, None)
+        if isinstance(value, datetime):
+            value = value.isoformat()
+        elif isinstance(value, tuple):
+            value = list(value)
+        out[f] = value
+    return out
+
+
+def _when(value: datetime | None) -> str:
+    return value.astimezone().strftime("%Y-%m-%d %H:%M:%S") if value is not None else "never"
+
+
+@watch.command("list")
+@click.option(
+    "--format", "fmt", type=click.Choice(["text", "json"]), default="text", show_default=True
+)
+@connection_options
+@click.pass_context
+def watch_list(ctx: click.Context, fmt: str) -> None:
+    """List the watches and their status."""
+    found = admin.list_watches(settings_of(ctx))
+    if fmt == "json":
+        click.echo(json.dumps([_watch_dict(w) for w in found], ensure_ascii=False, indent=2))
+        return
+    if not found:
+        click.echo("no watches: add one with `pgherald watch add SCHEMA.TABLE`")
+        return
+    rows = [("NAME", "TABLE", "METHOD", "KEY", "STATUS", "CHANGES", "LAST SUCCESS")]
+    for w in found:
+        rows.append(
+            (
+                _clean(w.name, 40),
+                _clean(admin.show_name(w.schema_name or "", w.table_name or ""), 60),
+                w.method,
+                _clean(",".join(w.key_columns or ()), 30),
+                w.status + ("" if w.enabled else " (disabled)"),
+                str(w.changes_seen),
+                _when(w.last_success_at),
+            )
+        )
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        click.echo("  ".join(cell.ljust(width) for cell, width in zip(r, widths, strict=True)))
+    for w in found:
+        if w.last_error:
+            click.echo(f"{w.name}: last error: {_clean(w.last_error, 200)}")
+
+
+@watch.command("remove")
+@click.argument("name")
+@connection_options
+@click.pass_context
+def watch_remove(ctx: click.Context, name: str) -> None:
+    """Stop watching; the watch's events stay in the change log."""
+    removed = admin.remove_watch(settings_of(ctx), name)
+    click.echo(f"removed watch {removed.name!r}")
+
+
+# -- running ----------------------------------------------------------------------------------
+
+
+@main.command()
+@click.option(
+    "--resync",
+    is_flag=True,
+    help="Start again with a new replication slot when the old one was lost (changes made"
+    " meanwhile are not captured).",
+)
+@connection_options
+@click.pass_context
+def run(ctx: click.Context, resync: bool) -> None:
+    """Capture the watches' changes into the change log until stopped (Ctrl-C, SIGTERM)."""
+    from pgherald import app
+
+    settings = settings_of(ctx)
+    _setup_logging(settings.log_level)
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: object) -> None:
+        if stop.is_set():
+            raise KeyboardInterrupt  # a second Ctrl-C: stop now
+        logging.getLogger("pgherald").info("stopping (signal %d)", signum)
+        stop.set()
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        app.run(settings, stop, resync=resync)
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    logging.getLogger("pgherald").info("stopped")
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level.upper(),
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+
+
+# -- reading the change log --------------------------------------------------------------------
+
+
+def _clean(text: str, width: int = _VALUE_WIDTH) -> str:
+    """A value fit for one line: control characters escaped, long values cut with "…"."""
+    shown = "".join(
+        ch if ch.isprintable() else ch.encode("unicode_escape").decode("ascii") for ch in text
+    )
+    return shown if len(shown) <= width else shown[: width - 1] + "…"
+
+
+def _value(image: RowImage | None, column: str) -> str:
+    if image is None or column not in image.shape:
+        return "?"
+    text = image.text(column)
+    if text is None:
+        return "NULL"
+    if text is UNCHANGED_TOAST:
+        return "(unchanged)"
+    return _clean(str(text))
+
+
+def describe(event: ChangeEvent) -> str:
+    """One readable line: time, watch, operation, key, and for updates ``col: old → new``."""
+    when = event.commit_time or event.captured_at
+    stamp = when.isoformat(sep=" ", timespec="seconds")
+    key = ", ".join(
+        f"{_clean(k, 40)}={'NULL' if v is None else _clean(str(v))}" for k, v in event.key.items()
+    )
+    parts = [stamp, _clean(event.watch, 40), event.op]
+    if key:
+        parts.append(key)
+    if event.op == "update":
+        if event.changed:
+            parts.append(
+                ", ".join(
+                    f"{_clean(c, 40)}: {_value(event.old, c)} → {_value(event.new, c)}"
+                    for c in event.changed
+                )
+            )
+        else:
+            parts.append("(no column changed)" if event.old is not None else "(old values unknown)")
+    elif event.op == "truncate":
+        parts.append(admin.show_name(event.schema, event.table))
+    elif event.op == "schema":
+        summary = {
+            k: event.meta[k]
+            for k in ("added", "dropped", "renamed", "retyped")
+            if event.meta.get(k)
+        }
+        parts.append(_clean(json.dumps(summary, ensure_ascii=False, default=str), 200))
+    return "  ".join(parts)
+
+
+def _emit(lines: Iterable[str]) -> None:
+    for line in lines:
+        click.echo(line)
+
+
+@main.command()
+@click.option("--watch", "watch_name", help="Only this watch's changes.")
+@click.option("--since", help="Only changes after this event id, or after this log id (a number).")
+@click.option("--limit", type=click.IntRange(min=1), help="At most this many changes.")
+@click.option(
+    "--op",
+    type=click.Choice(["insert", "update", "delete", "truncate", "read", "schema"]),
+    help="Only this operation.",
+)
+@click.option(
+    "--format", "fmt", type=click.Choice(["text", "json"]), default="text", show_default=True
+)
+@connection_options
+@click.pass_context
+def changes(
+    ctx: click.Context,
+    watch_name: str | None,
+    since: str | None,
+    limit: int | None,
+    op: str | None,
+    fmt: str,
+) -> None:
+    """List the change log, oldest first (JSON lines in pgherald's format with --format json)."""
+    stored = admin.read_changes(settings_of(ctx), watch=watch_name, since=since, limit=limit, op=op)
+    if fmt == "json":
+        from pgherald.events.formats import to_pgherald_json
+
+        _emit(
+            json.dumps(to_pgherald_json(s.event), ensure_ascii=False, separators=(",", ":"))
+            for s in stored
+        )
+    else:
+        _emit(describe(s.event) for s in stored)
+
+
+# -- doctor and demo ------------------------------------------------------------------------------
+
+
+@main.command()
+@click.option(
+    "--format", "fmt", type=click.Choice(["text", "json"]), default="text", show_default=True
+)
+@connection_options
+@click.pass_context
+def doctor(ctx: click.Context, fmt: str) -> None:
+    """Check the database and say which capture methods can work; exit 1 when none can."""
+    from pgherald import doctor as doctor_module
+
+    report = doctor_module.diagnose(settings_of(ctx))
+    if fmt == "json":
+        click.echo(json.dumps(report.to_dict(), ensure_ascii=False, indent=2))
+    else:
+        _emit(doctor_module.render(report))
+    if not report.ok:
+        ctx.exit(1)
+
+
+@main.command()
+@click.option("--duration", type=click.FloatRange(min=0), help="Stop after this many seconds.")
+@click.option(
+    "--rate",
+    type=click.FloatRange(min=0.1),
+    default=4.0,
+    show_default=True,
+    help="Workload transactions per second.",
+)
+@click.option("--seed", type=int, help="Seed of the random workload, to repeat a run.")
+@click.option(
+    "--journal",
+    type=click.Path(dir_okay=False, writable=True, path_type=Path),
+    help="Write every committed change of the workload to this file (JSON lines).",
+)
+@click.pass_context
+def demo(
+    ctx: click.Context, duration: float | None, rate: float, seed: int | None, journal: Path | None
+) -> None:
+    """Start a throwaway PostgreSQL, run a demo workload, and show its changes live."""
+    from pgherald import demo as demo_module
+
+    ctx.exit(demo_module.main(duration=duration, rate=rate, seed=seed, journal=journal))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()
