@@ -24,7 +24,7 @@ def _text(value: str | None) -> bytes:
 
 
 def build_messages(count: int) -> list[bytes]:
-    """``count`` distinct INSERTs of a 6-column row (int, text, numeric, timestamptz, bool, NULL)."""
+    """``count`` distinct INSERTs of a 6-column row: int, text, numeric, timestamptz, bool, NULL."""
     messages = []
     for i in range(count):
         columns = (
