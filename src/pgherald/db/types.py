@@ -314,11 +314,11 @@ class TypeRegistry:
     def _install_overrides(self) -> None:
         a = self._adapters
         for oid, name, inf in (
-            (_TIMESTAMP, "timestamp", True),
-            (_TIMESTAMPTZ, "timestamptz", True),
+            (_TIMESTAMP, "timestamp without time zone", True),
+            (_TIMESTAMPTZ, "timestamp with time zone", True),
             (_DATE, "date", True),
-            (_TIME, "time", False),
-            (_TIMETZ, "timetz", False),
+            (_TIME, "time without time zone", False),
+            (_TIMETZ, "time with time zone", False),
         ):
             base = a.get_loader(oid, Format.TEXT)
             if base is not None:

@@ -212,8 +212,8 @@ def _read_image(
         if col.name in unchanged and raw == UNCHANGED_TOAST_JSON:
             row.append(UNCHANGED_TOAST)
             continue
-        if raw is None:
-            row.append(None)
+        if raw is None and (texts is None or texts.get(col.name) is None):
+            row.append(None)  # SQL NULL (a json 'null' has a text, where the text is kept)
             continue
         text = texts.get(col.name) if texts is not None else _synthetic_text(raw)
         if not isinstance(text, str):
