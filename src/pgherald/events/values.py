@@ -621,8 +621,10 @@ def _decode_one(decoder: Decoder | None, value: Any, type_name: str) -> Any:
         return value
     try:
         return decoder(value)
-    except ValueEncodingError:
-        raise
+    except ValueEncodingError as exc:
+        if str(exc).startswith("cannot decode"):
+            raise
+        raise ValueEncodingError(f"cannot decode {value!r} as {type_name}: {exc}") from None
     except (ValueError, TypeError, ArithmeticError) as exc:
         raise ValueEncodingError(f"cannot decode {value!r} as {type_name}: {exc}") from None
 
