@@ -160,6 +160,7 @@ COLUMNS: list[tuple[str, str, tuple[str, str, str, str]]] = [
     ("dr", "daterange", ("'(,)'", "'[2024-01-01,2024-12-31]'", "'empty'", "'[-infinity,)'")),
     ("mr", "int4multirange", ("'{[1,3),[5,7)}'", "'{}'", "'{(,0)}'", "'{[1,2]}'")),
     ("fr", "floatrange", ("'[1.5,2.5)'", "'(,)'", "'empty'", "'[-Infinity,NaN]'")),
+    ("fmr", "floatmultirange", ("'{[1.5,2.5)}'", "'{}'", "'{(,0)}'", "'{[1,2],[3,4]}'")),
     ("e", "mood", ("'happy'", "'sad'", "'ok'", "'happy'")),
     ("ea", "mood[]", ("'{sad,happy}'", "'{}'", "'{NULL,ok}'", "'{{sad},{ok}}'")),
     ("dm", "price", ("12.3456", "0", "99999999.9999", "0.0001")),
@@ -239,6 +240,8 @@ EXPECTED_JSON: dict[tuple[int, str], Any] = {
         {"lower": 5, "upper": 7, "bounds": "[)", "empty": False},
     ],
     (3, "fr"): {"lower": "-Infinity", "upper": "NaN", "bounds": "[]", "empty": False},
+    (0, "fmr"): [{"lower": 1.5, "upper": 2.5, "bounds": "[)", "empty": False}],
+    (1, "fmr"): [],
     (0, "e"): "happy",
     (0, "ea"): ["sad", "happy"],
     (0, "dm"): "12.3456",
@@ -371,7 +374,7 @@ def test_types_resolved_by_oid(typed: Fixture) -> None:
     names = {c.name: c.type_name for c in typed.shape.columns}
     assert names["dm"] == "numeric" and names["dm2"] == "numeric"  # domains, recursively
     assert names["dma"] == "numeric[]"
-    assert names["fr"] == "range<float8>"
+    assert names["fr"] == "range<float8>" and names["fmr"] == "multirange<float8>"
     assert names["e"] == "public.mood" and names["ea"] == "public.mood[]"
     assert names["i8"] == "int8" and names["ia"] == "int4[]"
     assert typed.registry.display_name(typed.shape.columns[typed.shape.index("e")].type_oid) in (
@@ -443,7 +446,7 @@ def test_json_decodes_to_equal_values(typed: Fixture) -> None:
             assert same(back, value), (col.name, value, back)
             # format_type spellings decode the same way as pg_type ones.
             display = typed.registry.display_name(col.type_oid)
-            if col.name not in ("dm", "dm2", "dma", "fr"):  # domains, custom ranges
+            if col.name not in ("dm", "dm2", "dma", "fr", "fmr"):  # domains, custom ranges
                 assert same(from_json_value(display, wire), value), (display, value)
 
 
