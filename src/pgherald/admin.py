@@ -524,7 +524,9 @@ def _add_watch(
             raise WatchError(
                 f"column {show_name(both[0])} is both in --columns and in --ignore-columns"
             )
-    watch_name = _check_watch_name(name or default_watch_name(schema_name, table_name))
+    watch_name = _check_watch_name(
+        name if name is not None else default_watch_name(schema_name, table_name)
+    )
     if registry.get_watch(conn, settings.schema, watch_name) is not None:
         raise WatchError(
             f"a watch named {watch_name!r} exists already; remove it first or choose another"
