@@ -579,3 +579,20 @@ def test_refresh_learns_types_created_later(db: Database) -> None:
         assert registry(dom_arr, "{1.50}") == [Decimal("1.50")]
         assert registry(rng_oid, "[1.5,2)") == Range(Decimal("1.5"), Decimal("2"), "[)")
         assert registry.type_name(rng_oid) == "range<numeric>"
+
+
+def test_what_psycopg_cannot_read_stays_text(db: Database) -> None:
+    with psycopg.connect(db.dsn, autocommit=True, options=canonical_options()) as conn:
+        registry = TypeRegistry.load(conn)
+        row = conn.execute(
+            "SELECT '1 2'::int2vector::text, 'int2vector'::regtype::oid::int8"
+        ).fetchone()
+        assert row is not None
+        text, oid = row
+        # int2vector has an element type but is no array: its text is not array syntax.
+        assert registry.type_name(oid) == "int2vector"
+        assert registry(oid, text) == PgText("int2vector", "1 2")
+        # A text the loader cannot read is passed on, named, rather than raised lazily.
+        assert registry(1007, "{1,2") == PgText("integer[]", "{1,2")
+        assert registry(1007, "{1,2}") == [1, 2]
+        assert registry(999_999_999, "x") == PgText("oid:999999999", "x")

@@ -28,6 +28,7 @@ output pgherald stores or types must run with them.
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -81,6 +82,9 @@ def apply_canonical_settings(conn: psycopg.Connection[Any]) -> None:
         conn.execute("SELECT set_config(%s, %s, false)", (name, value))
 
 
+_log = logging.getLogger(__name__)
+
+
 class TypeLoadError(PgHeraldError):
     """The type catalogue of the watched database could not be read."""
 
@@ -101,7 +105,8 @@ _FIRST_USER_OID: Final = 16384  # FirstNormalObjectId: every OID below is built 
 _TYPES_QUERY: Final = """
 SELECT t.oid::int8, t.typname, n.nspname, format_type(t.oid, NULL), t.typtype,
        t.typcategory, t.typelem::int8, t.typbasetype::int8, t.typdelim, t.typarray::int8,
-       r.rngsubtype::int8, mr.rngtypid::int8
+       r.rngsubtype::int8, mr.rngtypid::int8,
+       EXISTS (SELECT 1 FROM pg_catalog.pg_type e WHERE e.oid = t.typelem AND e.typarray = t.oid)
 FROM pg_catalog.pg_type t
 JOIN pg_catalog.pg_namespace n ON n.oid = t.typnamespace
 LEFT JOIN pg_catalog.pg_range r ON r.rngtypid = t.oid
@@ -126,10 +131,7 @@ class PgType:
     array: int
     range_subtype: int | None
     multirange_of: int | None
-
-    @property
-    def is_array(self) -> bool:
-        return self.category == "A" and self.elem != 0
+    is_array: bool  # a true array (int2vector and oidvector have an element but are not)
 
     @property
     def qualified(self) -> str:
@@ -204,6 +206,7 @@ class TypeRegistry:
         self._template = adapters
         self._conn = conn
         self._lock = threading.RLock()
+        self._warned: set[int] = set()
         self._reset()
 
     def _reset(self) -> None:
@@ -301,7 +304,17 @@ class TypeRegistry:
                 return PgText(f"oid:{type_oid}", text)
             with self._lock:
                 load = self._loader(type_oid)
-        return load(text.encode())
+        try:
+            return load(text.encode())
+        except (psycopg.Error, ValueError) as exc:
+            # Typing happens lazily, often while an event is being delivered: a value
+            # psycopg cannot read must not stop that. Its text is kept, and said to be.
+            if type_oid not in self._warned:
+                self._warned.add(type_oid)
+                _log.warning(
+                    "values of type %s are passed on as text: %s", self.display_name(type_oid), exc
+                )
+            return PgText(self.display_name(type_oid), text)
 
     def _loader(self, oid: int) -> Callable[[Buffer], Any]:
         load = self._loads.get(oid)
@@ -412,6 +425,7 @@ def _fetch_types(conn: psycopg.Connection[Any], oids: Iterable[int] | None) -> l
             array=int(r[9]),
             range_subtype=None if r[10] is None else int(r[10]),
             multirange_of=None if r[11] is None else int(r[11]),
+            is_array=bool(r[12]),
         )
         for r in rows
     ]
