@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -47,7 +47,7 @@ from psycopg.types.string import TextLoader
 from pgherald.errors import PgHeraldError
 from pgherald.events.values import PG_INFINITY, PG_NEG_INFINITY, PgInfinity, PgInterval, PgText
 
-CANONICAL_SESSION_SETTINGS: Final[Mapping[str, str]] = {
+CANONICAL_SESSION_SETTINGS: Final[dict[str, str]] = {
     "DateStyle": "ISO, MDY",
     "IntervalStyle": "postgres",
     "TimeZone": "UTC",
