@@ -41,6 +41,13 @@ INSERT INTO schema_version (version) VALUES (%(version)s)
 -- The staging table that COPY fills. Temporary, so every connection has its own;
 -- ON COMMIT DELETE ROWS empties it cheaply, the DELETE covers two appends in one
 -- transaction. IF NOT EXISTS: a rolled-back first append takes the table with it.
+-- The batch's statements are planned for thousands of rows but run in well under a second:
+-- JIT compilation would cost more than it saves, and the sorts of old-value filling want
+-- more than the default work_mem. Both are put back with the search path.
+SELECT set_config('pgherald.saved_jit', current_setting('jit'), true),
+       set_config('pgherald.saved_work_mem', current_setting('work_mem'), true);
+SET LOCAL jit = off;
+SET LOCAL work_mem = '64MB';
 CREATE TEMP TABLE IF NOT EXISTS pgherald_stage (
     ord integer NOT NULL,
     event_id text NOT NULL,
@@ -69,6 +76,11 @@ CREATE TEMP TABLE IF NOT EXISTS pgherald_stage (
 ) ON COMMIT DELETE ROWS;
 DELETE FROM pg_temp.pgherald_stage;
 
+-- name: finish_append
+SELECT set_config('jit', current_setting('pgherald.saved_jit'), true),
+       set_config('work_mem', current_setting('pgherald.saved_work_mem'), true),
+       set_config('search_path', current_setting('pgherald.saved_search_path'), true)
+
 -- name: copy_stage
 COPY pg_temp.pgherald_stage (
     ord, event_id, watch, op, schema_name, table_name, row_key, key_columns, shape_digest,
@@ -96,14 +108,13 @@ ON CONFLICT (digest) DO NOTHING
 -- version, so the latest known one is the same value (and if none is known, none was).
 -- Works column by column, as rows of (row, life, column, version) ordered by version,
 -- where a window carries the latest known version forward to the requests.
-WITH targets AS (
-    SELECT DISTINCT watch, row_key
-    FROM pg_temp.pgherald_stage
-    WHERE fill
+WITH targets AS (  -- the rows to look at, numbered: sorting by integers beats texts
+    SELECT d.watch, d.row_key, row_number() OVER () AS gid
+    FROM (SELECT DISTINCT watch, row_key FROM pg_temp.pgherald_stage WHERE fill) AS d
 ),
 stored AS (
-    SELECT t.watch, t.row_key, -1 AS ord, p.op, s.names, p.new_values AS vals,
-           p.unchanged AS unch, false AS fill
+    SELECT t.gid, -1 AS ord, p.op, s.names, p.new_values AS vals, p.unchanged AS unch,
+           false AS fill
     FROM targets t
     CROSS JOIN LATERAL (
         SELECT e.op, e.shape_id, e.new_values, e.unchanged
@@ -119,7 +130,7 @@ stored AS (
 versions AS (
     SELECT * FROM stored
     UNION ALL
-    SELECT st.watch, st.row_key, st.ord, st.op, s.names, st.new_values, st.unchanged, st.fill
+    SELECT t.gid, st.ord, st.op, s.names, st.new_values, st.unchanged, st.fill
     FROM pg_temp.pgherald_stage st
     JOIN targets t ON t.watch = st.watch AND t.row_key = st.row_key
     LEFT JOIN shapes s ON s.digest = st.shape_digest
@@ -127,25 +138,24 @@ versions AS (
 ),
 lives AS (
     SELECT v.*,
-           count(*) FILTER (WHERE v.op = 'delete')
-               OVER (PARTITION BY v.watch, v.row_key ORDER BY v.ord) AS life
+           count(*) FILTER (WHERE v.op = 'delete') OVER (PARTITION BY v.gid ORDER BY v.ord) AS life
     FROM versions v
 ),
 flagged AS (
     SELECT l.*,
            count(*) FILTER (WHERE l.op <> 'delete')
-               OVER (PARTITION BY l.watch, l.row_key, l.life ORDER BY l.ord
+               OVER (PARTITION BY l.gid, l.life ORDER BY l.ord
                      ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING) > 0 AS has_prev
     FROM lives l
 ),
 stream AS (
-    SELECT f.watch, f.row_key, f.life, f.ord, c.name, 1 AS kind, c.val
+    SELECT f.gid, f.life, f.ord, c.name COLLATE "C" AS name, 1 AS kind, c.val
     FROM flagged f
     CROSS JOIN LATERAL unnest(f.names, f.vals) AS c(name, val)
     WHERE f.op <> 'delete' AND f.vals IS NOT NULL
       AND NOT (c.name = ANY (coalesce(f.unch, '{}')))
     UNION ALL
-    SELECT f.watch, f.row_key, f.life, f.ord, c.name, 0 AS kind, NULL
+    SELECT f.gid, f.life, f.ord, c.name COLLATE "C", 0 AS kind, NULL
     FROM flagged f
     CROSS JOIN LATERAL unnest(f.names) AS c(name)
     WHERE f.fill AND f.has_prev
@@ -153,16 +163,14 @@ stream AS (
 carried AS (
     SELECT s.*,
            max(s.ord) FILTER (WHERE s.kind = 1)
-               OVER (PARTITION BY s.watch, s.row_key, s.life, s.name
-                     ORDER BY s.ord, s.kind) AS src
+               OVER (PARTITION BY s.gid, s.life, s.name ORDER BY s.ord, s.kind) AS src
     FROM stream s
 ),
 prev AS (
     SELECT r.ord, r.name, v.val, r.src IS NOT NULL AS known
     FROM carried r
     LEFT JOIN carried v
-      ON v.kind = 1 AND v.watch = r.watch AND v.row_key = r.row_key AND v.life = r.life
-     AND v.name = r.name AND v.ord = r.src
+      ON v.kind = 1 AND v.gid = r.gid AND v.life = r.life AND v.name = r.name AND v.ord = r.src
     WHERE r.kind = 0
 ),
 cols AS (
@@ -174,7 +182,7 @@ cols AS (
     FROM pg_temp.pgherald_stage st
     JOIN shapes s ON s.digest = st.shape_digest
     CROSS JOIN LATERAL unnest(s.names, st.new_values) WITH ORDINALITY AS c(name, val, i)
-    LEFT JOIN prev p ON p.ord = st.ord AND p.name = c.name
+    LEFT JOIN prev p ON p.ord = st.ord AND p.name = c.name COLLATE "C"
     WHERE st.fill
 ),
 filled AS (

@@ -104,12 +104,11 @@ CREATE TABLE events (
         CHECK (old_values_source IN ('replica_identity', 'change_log', 'snapshot', 'trigger', 'none')),
     meta jsonb NOT NULL DEFAULT '{}'
 );
+-- Few indexes on purpose: each one costs every append. A row's history (and filling old
+-- values from it), a watch's events in log order, and `--since` / retention by time.
 CREATE INDEX events_watch_row_key_idx ON events (watch, row_key, id);
 CREATE INDEX events_watch_id_idx ON events (watch, id);
-CREATE INDEX events_table_id_idx ON events (schema_name, table_name, id);
 CREATE INDEX events_captured_at_idx ON events (captured_at);
-CREATE INDEX events_commit_time_idx ON events (commit_time);
-CREATE INDEX events_watch_captured_at_idx ON events (watch, captured_at);
 
 -- Field-level detail of updates: one row per changed column.
 CREATE TABLE event_fields (
@@ -119,7 +118,6 @@ CREATE TABLE event_fields (
     new_value text,
     PRIMARY KEY (event_id, column_name)
 );
-CREATE INDEX event_fields_column_idx ON event_fields (column_name, event_id);
 
 -- How far each source got; saved in the transaction that stores its events.
 CREATE TABLE checkpoints (

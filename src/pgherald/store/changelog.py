@@ -15,7 +15,7 @@ import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, NamedTuple, cast
+from typing import Any, Final, NamedTuple, cast
 
 import psycopg
 from psycopg.rows import TupleRow, tuple_row
@@ -33,10 +33,10 @@ from pgherald.events.model import (
     Text,
     Unchanged,
 )
+from pgherald.store import copytext as ct
 from pgherald.store.queries import query
 from pgherald.store.session import (
     DEFAULT_SCHEMA,
-    RESTORE,
     check_schema_name,
     enter_sql,
     in_schema,
@@ -65,7 +65,7 @@ def shape_columns(shape: RowShape) -> list[list[Any]]:
 
 def shape_digest(columns: list[list[Any]]) -> str:
     """A digest that names a shape: same columns, types and order, same digest."""
-    canonical = json.dumps(columns, separators=(",", ":"), ensure_ascii=False)
+    canonical = _COMPACT.encode(columns)
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 
 
@@ -73,16 +73,20 @@ def shape_from_columns(columns: Sequence[Sequence[Any]]) -> RowShape:
     return RowShape(tuple(ColumnSpec(str(n), int(oid), str(tn)) for n, oid, tn in columns))
 
 
+_COMPACT: Final = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
+_META: Final = json.JSONEncoder(ensure_ascii=False, default=str)
+_COPY_CHUNK: Final = 1000
+
+
 def row_key_of(key: Mapping[str, Any]) -> str | None:
     """The key columns' texts as a compact JSON array, in key order; ``None`` without a key."""
     if not key:
         return None
-    values = [v if v is None or isinstance(v, str) else str(v) for v in key.values()]
-    return json.dumps(values, separators=(",", ":"), ensure_ascii=False)
+    return _COMPACT.encode([v if v is None or isinstance(v, str) else str(v) for v in key.values()])
 
 
 def _json_dumps(value: Any) -> str:
-    return json.dumps(value, default=str, ensure_ascii=False)
+    return _META.encode(value)
 
 
 def _texts(image: RowImage) -> tuple[list[str | None], list[str] | None]:
@@ -146,9 +150,11 @@ class ChangeLog:
         self._shapes_by_obj[id(shape)] = info
         return info
 
-    def _stage_row(
+    def _stage_line(
         self, ord_: int, e: ChangeEvent, batch_shapes: dict[str, Any]
-    ) -> tuple[Any, ...]:
+    ) -> tuple[str, bool]:
+        """The event as one line of COPY text for the staging table, and whether it needs
+        filling from the log."""
         old, new = e.old, e.new
         shape_digest_: str | None = None
         old_shape_digest: str | None = None
@@ -188,32 +194,36 @@ class ChangeLog:
             and not key_changed
             and (old is None or bool(unchanged))
         )
-        return (
-            ord_,
-            e.event_id,
-            e.watch,
-            e.op,
-            e.schema,
-            e.table,
-            row_key,
-            list(e.key),
-            shape_digest_,
-            old_shape_digest,
-            old_values,
-            new_values,
-            unchanged,
-            old_unchanged,
-            list(dict.fromkeys(e.changed)),
-            e.xid,
-            e.position,
-            e.commit_time,
-            e.captured_at,
-            e.method,
-            e.seq,
-            e.old_values,
-            Jsonb(dict(e.meta), dumps=_json_dumps),
-            fill,
+        meta = _json_dumps(dict(e.meta)) if e.meta else "{}"
+        line = "\t".join(
+            (
+                str(ord_),
+                ct.text(e.event_id),
+                ct.text(e.watch),
+                e.op,
+                ct.text(e.schema),
+                ct.text(e.table),
+                ct.text(row_key),
+                ct.text_array(list(e.key)),
+                ct.text(shape_digest_),
+                ct.text(old_shape_digest),
+                ct.text_array(old_values),
+                ct.text_array(new_values),
+                ct.text_array(unchanged),
+                ct.text_array(old_unchanged),
+                ct.text_array(list(dict.fromkeys(e.changed))),
+                ct.integer(e.xid),
+                ct.text(e.position),
+                ct.timestamptz(e.commit_time),
+                ct.timestamptz(e.captured_at),
+                e.method,
+                ct.integer(e.seq),
+                e.old_values,
+                ct.text(meta),
+                ct.boolean(fill),
+            )
         )
+        return line, fill
 
     def append(self, events: Sequence[ChangeEvent]) -> int:
         """Stores a batch in the caller's transaction (never commits); returns how many were new.
@@ -229,21 +239,26 @@ class ChangeLog:
         """
         if not events:
             return 0
+        conn = self.conn
         batch_shapes: dict[str, Any] = {}
         seen: set[str] = set()
-        rows: list[tuple[Any, ...]] = []
-        for e in events:
-            if e.event_id in seen:
-                continue
-            seen.add(e.event_id)
-            rows.append(self._stage_row(len(rows), e, batch_shapes))
-        needs_fill = any(row[-1] for row in rows)
-        conn = self.conn
+        needs_fill = False
         with transaction_for(conn):
             conn.execute(enter_sql(self.schema, query("create_stage")))
             with conn.cursor() as cur, cur.copy(query("copy_stage")) as copy:
-                for row in rows:
-                    copy.write_row(row)
+                chunk: list[str] = []
+                for e in events:
+                    if e.event_id in seen:
+                        continue
+                    seen.add(e.event_id)
+                    line, fill = self._stage_line(len(seen) - 1, e, batch_shapes)
+                    needs_fill = needs_fill or fill
+                    chunk.append(line)
+                    if len(chunk) >= _COPY_CHUNK:
+                        copy.write("\n".join(chunk) + "\n")
+                        chunk.clear()
+                if chunk:
+                    copy.write("\n".join(chunk) + "\n")
             with conn.pipeline():
                 conn.execute(
                     query("upsert_shapes"),
@@ -256,7 +271,7 @@ class ChangeLog:
                     conn.execute(query("fill_from_log"))
                 counted = conn.cursor(row_factory=tuple_row)
                 counted.execute(query("insert_events"))
-                conn.execute(RESTORE)
+                conn.execute(query("finish_append"))
             result = counted.fetchone()
         return int(result[0]) if result else 0
 
