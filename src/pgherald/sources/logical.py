@@ -32,7 +32,9 @@ import psycopg2
 import psycopg2.errors
 import psycopg2.extensions
 import psycopg2.extras
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
+from pgherald.db.types import TypeRegistry, canonical_options
 from pgherald.errors import CaptureError
 from pgherald.events import ChangeEvent, RowImage, Unchanged
 from pgherald.events.model import ColumnSpec, RowShape
@@ -358,23 +360,33 @@ class LogicalSource:
         self.watches = list(watches)
         self.stored_lsn = 0
         self.connected = threading.Event()
-        self._type_cache: dict[int, str] = {}
 
     # -- catalog helpers (psycopg 3, a normal connection) ------------------------------
 
     def _type_names(self, conn: psycopg.Connection[Any]) -> TypeNames:
+        """Type names as the JSON encoding understands them (domains resolved to their base)."""
+        registry = TypeRegistry.load(conn)
+
         def lookup(oids: Iterable[int]) -> Mapping[int, str]:
-            wanted = [o for o in set(oids) if o not in self._type_cache]
-            if wanted:
-                rows = conn.execute(
-                    "SELECT oid::int8, format_type(oid, NULL) FROM pg_type WHERE oid = ANY(%s)",
-                    (wanted,),
-                ).fetchall()
-                for oid, name in rows:
-                    self._type_cache[int(oid)] = str(name)
-            return self._type_cache
+            wanted = set(oids)
+            missing = registry.missing(wanted)
+            if missing:
+                registry.refresh(missing, conn)  # a type created while we were streaming
+            return {oid: registry.type_name(oid) for oid in wanted}
 
         return lookup
+
+    def _replication_dsn(self) -> str:
+        """The DSN with the canonical session settings added to any ``options`` it has.
+
+        pgoutput prints values with the walsender's DateStyle, TimeZone, IntervalStyle and
+        float settings; the change log must hold one canonical text form whatever the
+        server's or the role's defaults are.
+        """
+        params = conninfo_to_dict(self.settings.dsn)
+        params["options"] = f"{params.get('options') or ''} {canonical_options()}".strip()
+        params.setdefault("application_name", "pgherald-capture")
+        return make_conninfo("", **params)
 
     def prepare_slot(self, conn: psycopg.Connection[Any], checkpoint: str | None) -> None:
         """Makes sure the slot exists, refusing to recreate one that held unstored changes."""
@@ -432,7 +444,8 @@ class LogicalSource:
             assembler = TransactionAssembler(self.watches, self._type_names(catalog))
             self.stored_lsn = parse_lsn(checkpoint) if checkpoint else 0
             repl = psycopg2.connect(
-                self.settings.dsn, connection_factory=psycopg2.extras.LogicalReplicationConnection
+                self._replication_dsn(),
+                connection_factory=psycopg2.extras.LogicalReplicationConnection,
             )
             try:
                 cur = repl.cursor()
