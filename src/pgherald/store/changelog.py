@@ -40,6 +40,7 @@ from pgherald.store.session import (
     check_schema_name,
     enter_sql,
     in_schema,
+    store_errors,
     transaction_for,
 )
 
@@ -243,7 +244,7 @@ class ChangeLog:
         batch_shapes: dict[str, Any] = {}
         seen: set[str] = set()
         needs_fill = False
-        with transaction_for(conn):
+        with store_errors(self.schema), transaction_for(conn):
             conn.execute(enter_sql(self.schema, query("create_stage")))
             with conn.cursor() as cur, cur.copy(query("copy_stage")) as copy:
                 chunk: list[str] = []

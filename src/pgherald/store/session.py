@@ -17,7 +17,7 @@ from typing import Any, Final, LiteralString
 import psycopg
 from psycopg import pq, sql
 
-from pgherald.errors import ConfigError
+from pgherald.errors import ConfigError, SchemaError
 from pgherald.store.queries import query
 
 DEFAULT_SCHEMA: Final = "pgherald"
@@ -72,10 +72,22 @@ def transaction_for(conn: psycopg.Connection[Any]) -> Iterator[None]:
 
 
 @contextlib.contextmanager
+def store_errors(schema: str) -> Iterator[None]:
+    """Turns "relation does not exist" into the one-line fix: the store is not installed."""
+    try:
+        yield
+    except psycopg.errors.UndefinedTable:
+        raise SchemaError(
+            f"pgherald's store is not installed in schema {schema!r} of this database:"
+            " run `pgherald init`"
+        ) from None
+
+
+@contextlib.contextmanager
 def in_schema(conn: psycopg.Connection[Any], schema: str) -> Iterator[None]:
     """Runs the block with the store's schema as ``search_path``; see ``transaction_for``."""
     statement = enter_sql(schema)
-    with transaction_for(conn):
+    with store_errors(schema), transaction_for(conn):
         conn.execute(statement)
         try:
             yield
