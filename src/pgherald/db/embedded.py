@@ -135,6 +135,19 @@ def _ensure_unprivileged_user() -> pwd.struct_passwd:
         return pwd.getpwnam(UNPRIVILEGED_USER)
 
 
+def _traversable(base: str) -> str:
+    """``base`` if every directory above it lets others through, else the system's /tmp.
+
+    The server runs as an unprivileged user, which must reach its data directory; a root-owned
+    0700 temporary directory (pytest's, for one) would stop it.
+    """
+    path = Path(base).resolve()
+    for part in (path, *path.parents):
+        if not part.stat().st_mode & 0o001:
+            return "/tmp"
+    return str(path)
+
+
 class EmbeddedCluster:
     """A PostgreSQL cluster in a temporary directory, owned by this process.
 
@@ -203,9 +216,11 @@ class EmbeddedCluster:
     def start(self) -> EmbeddedCluster:
         if self._started:
             return self
+        base = self._base_dir
         if os.geteuid() == 0:
             self._run_as = _ensure_unprivileged_user()
-        self.root = Path(tempfile.mkdtemp(prefix="pgherald-pg-", dir=self._base_dir))
+            base = _traversable(base or tempfile.gettempdir())
+        self.root = Path(tempfile.mkdtemp(prefix="pgherald-pg-", dir=base))
         self.root.chmod(0o755)
         self.socket_dir.mkdir()
         if self._run_as is not None:
