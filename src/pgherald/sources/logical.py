@@ -350,6 +350,11 @@ class LogicalSettings:
     reconnect_min: float = 0.5
     reconnect_max: float = 30.0
     resync: bool = False
+    heartbeat_interval: float = 10.0
+    """Seconds between heartbeat messages written to the watched database (0: none)."""
+    slot_check_interval: float = 30.0
+    warn_retained_bytes: int = 1 << 30
+    """Log a warning when the slot holds back more WAL than this."""
 
 
 class LogicalSource:
@@ -360,6 +365,9 @@ class LogicalSource:
         self.watches = list(watches)
         self.stored_lsn = 0
         self.connected = threading.Event()
+        self.slot_status: logical_admin.SlotInfo | None = None
+        self._last_heartbeat = 0.0
+        self._last_slot_check = 0.0
 
     # -- catalog helpers (psycopg 3, a normal connection) ------------------------------
 
@@ -469,7 +477,7 @@ class LogicalSource:
                 log.info(
                     "capturing from slot %s at %s", self.settings.slot, checkpoint or "its start"
                 )
-                self._stream(cur, assembler, sink, stop)
+                self._stream(cur, assembler, sink, stop, catalog)
                 self._acknowledge(cur, force=True)
             finally:
                 self.connected.clear()
@@ -479,8 +487,32 @@ class LogicalSource:
         if self.stored_lsn:
             cur.send_feedback(flush_lsn=self.stored_lsn, force=force)
 
+    def _housekeeping(self, catalog: psycopg.Connection[Any], now: float) -> None:
+        """Heartbeats and slot checks, run while the stream is idle."""
+        s = self.settings
+        if s.heartbeat_interval and now - self._last_heartbeat >= s.heartbeat_interval:
+            emit_heartbeat(catalog)
+            self._last_heartbeat = now
+        if now - self._last_slot_check >= s.slot_check_interval:
+            self._last_slot_check = now
+            self.slot_status = logical_admin.slot_info(catalog, s.slot)
+            retained = self.slot_status.retained_bytes if self.slot_status else None
+            if retained is not None and retained > s.warn_retained_bytes:
+                log.warning(
+                    "replication slot %s holds back %d MB of WAL (warning above %d MB):"
+                    " PostgreSQL keeps it until pgherald has stored the changes",
+                    s.slot,
+                    retained >> 20,
+                    s.warn_retained_bytes >> 20,
+                )
+
     def _stream(
-        self, cur: Any, asm: TransactionAssembler, sink: CaptureSink, stop: threading.Event
+        self,
+        cur: Any,
+        asm: TransactionAssembler,
+        sink: CaptureSink,
+        stop: threading.Event,
+        catalog: psycopg.Connection[Any],
     ) -> None:
         s = self.settings
         buffer: list[ChangeEvent] = []
@@ -507,6 +539,8 @@ class LogicalSource:
             if msg is None:
                 if pending_end and not in_txn:
                     flush()
+                if not in_txn:
+                    self._housekeeping(catalog, time.monotonic())
                 select.select([fd], [], [], 0.2)
                 continue
             m = decode(msg.payload)
@@ -545,7 +579,17 @@ class LogicalSource:
                 buffer.extend(asm.relation(m))
             elif isinstance(m, Truncate):
                 buffer.extend(asm.truncate(m))
-            elif isinstance(m, TypeMsg | Origin | LogicalMessage):
+            elif isinstance(m, LogicalMessage):
+                if not in_txn and not m.transactional and m.prefix == HEARTBEAT_PREFIX:
+                    # Everything before the heartbeat has been sent, and is stored once the
+                    # pending batch is: the slot may move past it even if nothing we watch
+                    # changed (an idle database in a busy cluster).
+                    if pending_end:
+                        flush()
+                    if m.lsn > self.stored_lsn:
+                        self.stored_lsn = m.lsn
+                        self._acknowledge(cur)
+            elif isinstance(m, TypeMsg | Origin):
                 pass
             else:
                 raise CaptureError(f"unexpected replication message {type(m).__name__}")
