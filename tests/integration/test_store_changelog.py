@@ -392,8 +392,16 @@ def test_read_filters_and_pages(conn: psycopg.Connection[Any]) -> None:
     found = log.find_id(batch[5].event_id)
     assert found is not None and only_id(log, found).event == batch[5]
     assert log.find_id("no such id") is None
-    assert log.last_shape("public", "people") == SHAPE
-    assert log.last_shape("public", "nothing") is None
+
+    def ints(type_oid: int, text: str) -> Any:
+        return int(text) if type_oid == 23 else text
+
+    typed = log.read(watch="pets", limit=1, loader=ints)[0].event.new
+    assert typed is not None and typed["id"] == 0 and typed["name"] == "q0"
+    untyped = log.read(watch="pets", limit=1)[0].event.new
+    assert untyped is not None and untyped["id"] == "0"
+    assert log.last_shape("people") == SHAPE  # the key-only image of the last delete is not
+    assert log.last_shape("nobody") is None
 
 
 def only_id(log: ChangeLog, log_id: int) -> StoredEvent:

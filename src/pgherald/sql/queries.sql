@@ -284,13 +284,12 @@ SELECT coalesce(max(id), 0) FROM events
 -- name: find_event_id
 SELECT id FROM events WHERE event_id = %(event_id)s
 
--- name: last_table_shape
--- The shape of the latest stored event of a table, so capture can tell a schema change
--- that happened while it was down.
+-- name: last_watch_shape
+-- The shape of a watch's latest stored full row (a delete's key-only image is not one).
 SELECT s.columns
 FROM events e
 JOIN shapes s ON s.id = e.shape_id
-WHERE e.schema_name = %(schema_name)s AND e.table_name = %(table_name)s
+WHERE e.watch = %(watch)s
   AND e.op IN ('insert', 'update', 'delete', 'read') AND e.old_shape_id IS NULL
   AND (e.op <> 'delete' OR e.old_values_source <> 'none')
 ORDER BY e.id DESC

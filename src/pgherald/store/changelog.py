@@ -31,6 +31,7 @@ from pgherald.events.model import (
     RowImage,
     RowShape,
     Text,
+    TypedLoader,
     Unchanged,
 )
 from pgherald.store import copytext as ct
@@ -294,8 +295,12 @@ class ChangeLog:
         after_id: int = 0,
         limit: int = 1000,
         op: str | None = None,
+        loader: TypedLoader | None = None,
     ) -> list[StoredEvent]:
-        """Events after log id ``after_id``, in log order, rebuilt with text values."""
+        """Events after log id ``after_id``, in log order.
+
+        Row images hold the stored texts; ``loader`` (e.g. from ``db.types``) makes their
+        typed values, and without one the typed values are the texts themselves."""
         params = {"watch": watch, "after_id": after_id, "limit": limit, "op": op}
         name = "read_events" if watch is None else "read_watch_events"
         with in_schema(self.conn, self.schema):
@@ -304,10 +309,14 @@ class ChangeLog:
                 r[9] for r in rows if r[9] is not None
             }
             self._load_shapes(ids)
-        return [StoredEvent(int(r[0]), self._event(r)) for r in rows]
+        return [StoredEvent(int(r[0]), self._event(r, loader)) for r in rows]
 
     def _image(
-        self, shape_id: int | None, values: list[str | None] | None, unchanged: list[str] | None
+        self,
+        shape_id: int | None,
+        values: list[str | None] | None,
+        unchanged: list[str] | None,
+        loader: TypedLoader | None,
     ) -> RowImage | None:
         if values is None or shape_id is None:
             return None
@@ -315,9 +324,9 @@ class ChangeLog:
         texts: list[Text] = list(values)
         for name in unchanged or ():
             texts[shape.index(name)] = UNCHANGED_TOAST
-        return RowImage(shape, tuple(texts))
+        return RowImage(shape, tuple(texts), loader)
 
-    def _event(self, r: tuple[Any, ...]) -> ChangeEvent:
+    def _event(self, r: tuple[Any, ...], loader: TypedLoader | None) -> ChangeEvent:
         (
             _id,
             event_id,
@@ -353,8 +362,8 @@ class ChangeLog:
             schema=schema_name,
             table=table_name,
             key=key,
-            old=self._image(old_shape_id or shape_id, old_values, old_unchanged),
-            new=self._image(shape_id, new_values, unchanged),
+            old=self._image(old_shape_id or shape_id, old_values, old_unchanged, loader),
+            new=self._image(shape_id, new_values, unchanged, loader),
             changed=tuple(changed or ()),
             xid=xid,
             position=position,
@@ -378,18 +387,11 @@ class ChangeLog:
             row = self._cursor().execute(query("find_event_id"), {"event_id": event_id}).fetchone()
         return int(row[0]) if row else None
 
-    def last_shape(self, schema_name: str, table_name: str) -> RowShape | None:
-        """The row shape of a table's latest stored row event, to notice a schema change
-        that happened while capture was down."""
+    def last_shape(self, watch: str) -> RowShape | None:
+        """The row shape of a watch's latest stored full row, so that capture can notice a
+        schema change that happened while it was down (``TransactionAssembler.seed_shape``)."""
         with in_schema(self.conn, self.schema):
-            row = (
-                self._cursor()
-                .execute(
-                    query("last_table_shape"),
-                    {"schema_name": schema_name, "table_name": table_name},
-                )
-                .fetchone()
-            )
+            row = self._cursor().execute(query("last_watch_shape"), {"watch": watch}).fetchone()
         return shape_from_columns(row[0]) if row else None
 
 
