@@ -20,13 +20,15 @@ import threading
 from collections.abc import Callable, Iterable
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Final, TypeVar
+from typing import Any, Final, NoReturn, TypeVar
 
 import click
 import psycopg
+import psycopg2
 
 from pgherald import __version__, admin
 from pgherald.config import LOG_LEVELS, TABLE_METHODS, Settings, load_settings
+from pgherald.db.connect import connection_failed
 from pgherald.errors import PgHeraldError
 from pgherald.events import UNCHANGED_TOAST, ChangeEvent, RowImage
 
@@ -103,20 +105,36 @@ class HeraldGroup(click.Group):
             return super().invoke(ctx)
         except PgHeraldError as e:
             _fail(ctx, str(e))
-        except psycopg.Error as e:
+        except (psycopg.OperationalError, psycopg2.OperationalError) as e:
+            if getattr(e, "sqlstate", None) or getattr(e, "pgcode", None):
+                _fail(ctx, _server_said(e))
+            # No SQLSTATE: libpq could not connect, or lost the connection. Explain it the
+            # way db.connect does, for code paths that connect on their own.
+            settings = ctx.meta.get("pgherald.settings")
+            dsn = settings.dsn if isinstance(settings, Settings) else ""
+            _fail(ctx, str(connection_failed(dsn, str(e))))
+        except (psycopg.Error, psycopg2.Error) as e:
             # The server refused something (a privilege, a lock, a constraint): that is
             # about the database, not a bug here, so say what PostgreSQL said.
-            primary = getattr(e, "diag", None) and e.diag.message_primary
-            state = f" [{e.sqlstate}]" if e.sqlstate else ""
             logging.getLogger("pgherald").debug("database error", exc_info=True)
-            _fail(ctx, f"PostgreSQL said: {primary or str(e).splitlines()[0]}{state}")
+            _fail(ctx, _server_said(e))
         except BrokenPipeError:
             # `pgherald changes | head`: the reader has all it wants.
             sys.stderr.close()
             ctx.exit(0)
 
 
-def _fail(ctx: click.Context, message: str) -> None:
+def _server_said(e: psycopg.Error | psycopg2.Error) -> str:
+    """PostgreSQL's primary message and SQLSTATE, from either driver."""
+    diag = getattr(e, "diag", None)
+    primary = getattr(diag, "message_primary", None) if diag is not None else None
+    state = getattr(e, "sqlstate", None) or getattr(e, "pgcode", None)
+    lines = str(e).strip().splitlines()
+    text = primary or (lines[0] if lines else type(e).__name__)
+    return f"PostgreSQL said: {text}" + (f" [{state}]" if state else "")
+
+
+def _fail(ctx: click.Context, message: str) -> NoReturn:
     click.echo(f"pgherald: {_one_line(message)}", err=True)
     ctx.exit(1)
 
@@ -183,6 +201,8 @@ def uninstall(ctx: click.Context, yes: bool) -> None:
         f" {settings.slot!r} from {settings.redacted_dsn()}?",
         err=True,
     ):
+        if not sys.stdin.isatty():
+            click.echo("", err=True)  # the answer was not echoed: end the prompt's line
         _fail(ctx, "uninstall cancelled; nothing was removed (pass --yes to skip the question)")
     result = admin.uninstall(settings)
     for item in result.removed:
