@@ -310,6 +310,23 @@ def test_a_key_change_is_not_filled_from_another_rows_history(
     assert got.meta == {"old_key": {"id": "1"}}
 
 
+def test_filling_works_by_column_name_across_a_schema_change(
+    conn: psycopg.Connection[Any],
+) -> None:
+    ev = Events()
+    log = ChangeLog(conn, SCHEMA)
+    narrow = RowShape((ColumnSpec("name", 25, "text"), ColumnSpec("id", 23, "integer")))
+    log.append([ev.make("insert", "1", new=RowImage(narrow, ("ann", "1")))])
+    # A column was added (and the old ones reordered) before this update.
+    upd = ev.update("1", "anne", "new bio")
+    log.append([upd])
+    got = only(log, upd.event_id)
+    assert got.old == image("1", "ann", UNCHANGED_TOAST)  # bio did not exist: not known
+    assert got.changed == ("name",)
+    assert got.old_values == "change_log"
+    assert fields(conn, upd.event_id) == [("name", "ann", "anne")]
+
+
 def test_field_rows_for_updates(conn: psycopg.Connection[Any]) -> None:
     ev = Events()
     log = ChangeLog(conn, SCHEMA)
