@@ -149,7 +149,9 @@ def _check_watch_name(name: str) -> str:
     if not name or not name.strip():
         raise WatchError("a watch name must not be empty")
     if _CONTROL.search(name):
-        raise WatchError(f"watch name {name!r} contains control characters")
+        raise WatchError(
+            f"watch name {name!r} contains control characters: choose another with --name"
+        )
     if len(name) > 200:
         raise WatchError("a watch name must be at most 200 characters")
     return name
