@@ -10,7 +10,7 @@ import logging
 import threading
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import psycopg
@@ -47,10 +47,12 @@ class ChangeLogSink:
         self.log.append(events)
         self._per_watch.update(e.watch for e in events)
 
-    def commit(self, position: str) -> None:
+    def commit(self, position: str, extra: Mapping[str, str] | None = None) -> None:
         for name, count in self._per_watch.items():
             watches.record_watch_activity(self.conn, self.schema, name, count, True, None)
         checkpoints.save_checkpoint(self.conn, self.schema, self.source, position)
+        for name, value in (extra or {}).items():
+            checkpoints.save_checkpoint(self.conn, self.schema, name, value)
         self.conn.commit()
         self.stored_events += sum(self._per_watch.values())
         self._per_watch.clear()
@@ -66,8 +68,8 @@ class ChangeLogSink:
             self.conn = psycopg.connect(self.conn.info.dsn, autocommit=False)
             self.log = ChangeLog(self.conn, self.schema)
 
-    def checkpoint(self) -> str | None:
-        position = checkpoints.load_checkpoint(self.conn, self.schema, self.source)
+    def checkpoint(self, name: str | None = None) -> str | None:
+        position = checkpoints.load_checkpoint(self.conn, self.schema, name or self.source)
         self.conn.commit()
         return position
 
@@ -91,6 +93,7 @@ def logical_watches(settings: Settings) -> list[LogicalWatch]:
             key_columns=tuple(w.key_columns or ()),
             columns=tuple(w.columns) if w.columns else None,
             ignore_columns=tuple(w.ignore_columns or ()),
+            snapshot=bool((w.options or {}).get("snapshot")),
         )
         for w in found
         if w.enabled and w.schema_name and w.table_name

@@ -34,11 +34,16 @@ import psycopg2.extensions
 import psycopg2.extras
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
-from pgherald.db.types import TypeRegistry, canonical_options
+from pgherald.db.types import TypeRegistry, apply_canonical_settings, canonical_options
 from pgherald.errors import CaptureError
 from pgherald.events import ChangeEvent, RowImage, Unchanged
 from pgherald.events.model import ColumnSpec, RowShape
 from pgherald.sources import logical_admin
+from pgherald.sources.logical_snapshot import (
+    WATERMARK_PREFIX,
+    TableSnapshot,
+    progress_name,
+)
 from pgherald.sources.pgoutput import (
     Begin,
     Commit,
@@ -77,6 +82,8 @@ class LogicalWatch:
     key_columns: tuple[str, ...]
     columns: tuple[str, ...] | None = None
     ignore_columns: tuple[str, ...] = ()
+    snapshot: bool = False
+    """Start with the table's current rows as ``read`` events (see ``logical_snapshot``)."""
 
 
 class CaptureSink(Protocol):
@@ -85,14 +92,18 @@ class CaptureSink(Protocol):
     def write(self, events: Sequence[ChangeEvent]) -> None:
         """Adds events to the open store transaction (opening one if needed)."""
 
-    def commit(self, position: str) -> None:
-        """Commits the written events with the checkpoint ``position``; durable on return."""
+    def commit(self, position: str, extra: Mapping[str, str] | None = None) -> None:
+        """Commits the written events with the checkpoint ``position``; durable on return.
+
+        ``extra`` holds more checkpoints (by name) to store in the same transaction, such as
+        the progress of an initial snapshot.
+        """
 
     def rollback(self) -> None:
         """Forgets everything written since the last commit."""
 
-    def checkpoint(self) -> str | None:
-        """The last committed position, or None when nothing was ever stored."""
+    def checkpoint(self, name: str | None = None) -> str | None:
+        """The last committed position (or the ``extra`` checkpoint ``name``), None if none."""
 
 
 TypeNames = Callable[[Iterable[int]], Mapping[int, str]]
@@ -154,7 +165,7 @@ class TransactionAssembler:
 
     def _event(
         self,
-        state: _RelationState,
+        watch: LogicalWatch,
         op: Any,
         key: Mapping[str, Any],
         old: RowImage | None,
@@ -166,10 +177,10 @@ class TransactionAssembler:
         event_id = self._event_id()
         return ChangeEvent(
             event_id=event_id,
-            watch=state.watch.name,
+            watch=watch.name,
             op=op,
-            schema=state.watch.schema,
-            table=state.watch.table,
+            schema=watch.schema,
+            table=watch.table,
             key=key,
             old=old,
             new=new,
@@ -222,8 +233,12 @@ class TransactionAssembler:
         self._known_shapes[(watch.schema, watch.table)] = shape
         if before is not None and before != shape and self.xid is not None:
             yield self._event(
-                state, "schema", {}, None, None, meta=describe_shape_change(before, shape)
+                state.watch, "schema", {}, None, None, meta=describe_shape_change(before, shape)
             )
+
+    def read(self, watch: LogicalWatch, key: Mapping[str, Any], image: RowImage) -> ChangeEvent:
+        """A row of an initial snapshot, placed in the stream at its chunk's high watermark."""
+        return self._event(watch, "read", key, None, image, meta={"snapshot": True})
 
     def _key(self, state: _RelationState, values: tuple[Any, ...]) -> dict[str, Any]:
         names = state.shape.names
@@ -235,7 +250,7 @@ class TransactionAssembler:
             return None
         values = _project(msg.new, state.projection)
         return self._event(
-            state, "insert", self._key(state, values), None, RowImage(state.shape, values)
+            state.watch, "insert", self._key(state, values), None, RowImage(state.shape, values)
         )
 
     def update(self, msg: Update) -> ChangeEvent | None:
@@ -262,7 +277,7 @@ class TransactionAssembler:
             if old_key != key:
                 meta["old_key"] = old_key
             return self._event(
-                state,
+                state.watch,
                 "update",
                 key,
                 RowImage(state.shape, old_values),
@@ -274,7 +289,9 @@ class TransactionAssembler:
         if msg.old_kind == "K" and msg.old is not None:
             old_values = _project(msg.old, state.projection)
             meta["old_key"] = self._key(state, old_values)
-        return self._event(state, "update", key, None, RowImage(state.shape, new_values), meta=meta)
+        return self._event(
+            state.watch, "update", key, None, RowImage(state.shape, new_values), meta=meta
+        )
 
     def delete(self, msg: Delete) -> ChangeEvent | None:
         state = self.relations.get(msg.relation_oid)
@@ -284,7 +301,7 @@ class TransactionAssembler:
         key = self._key(state, values)
         if msg.old_kind == "O":
             return self._event(
-                state,
+                state.watch,
                 "delete",
                 key,
                 RowImage(state.shape, values),
@@ -292,14 +309,14 @@ class TransactionAssembler:
                 old_values="replica_identity",
             )
         key_image = RowImage(state.key_shape, tuple(values[i] for i in state.key_index))
-        return self._event(state, "delete", key, key_image, None)
+        return self._event(state.watch, "delete", key, key_image, None)
 
     def truncate(self, msg: Truncate) -> Iterator[ChangeEvent]:
         for oid in msg.relation_oids:
             state = self.relations.get(oid)
             if state is not None:
                 yield self._event(
-                    state,
+                    state.watch,
                     "truncate",
                     {},
                     None,
@@ -355,6 +372,7 @@ class LogicalSettings:
     slot_check_interval: float = 30.0
     warn_retained_bytes: int = 1 << 30
     """Log a warning when the slot holds back more WAL than this."""
+    snapshot_chunk_size: int = 5000
 
 
 class LogicalSource:
@@ -367,6 +385,7 @@ class LogicalSource:
         self.connected = threading.Event()
         self.slot_status: logical_admin.SlotInfo | None = None
         self._last_heartbeat = 0.0
+        self._snapshots: list[TableSnapshot] = []
         self._last_slot_check = 0.0
 
     # -- catalog helpers (psycopg 3, a normal connection) ------------------------------
@@ -449,7 +468,24 @@ class LogicalSource:
         checkpoint = sink.checkpoint()
         with psycopg.connect(self.settings.dsn, autocommit=True) as catalog:
             self.prepare_slot(catalog, checkpoint)
+            apply_canonical_settings(catalog)  # snapshot chunks are read as text, like pgoutput's
             assembler = TransactionAssembler(self.watches, self._type_names(catalog))
+            self._snapshots = [
+                snap
+                for w in self.watches
+                if w.snapshot
+                for snap in [
+                    TableSnapshot.resume(
+                        w.name,
+                        w.schema,
+                        w.table,
+                        w.key_columns,
+                        w.columns,
+                        sink.checkpoint(progress_name(w.name)),
+                    )
+                ]
+                if not snap.done
+            ]
             self.stored_lsn = parse_lsn(checkpoint) if checkpoint else 0
             repl = psycopg2.connect(
                 self._replication_dsn(),
@@ -465,6 +501,7 @@ class LogicalSource:
                         options={
                             "proto_version": "1",
                             "publication_names": self.settings.publication,
+                            "messages": "true",  # our heartbeats and snapshot watermarks
                         },
                         status_interval=self.settings.status_interval,
                     )
@@ -521,14 +558,18 @@ class LogicalSource:
         pending_end = 0  # end LSN of the last complete transaction not yet committed to the store
         pending_since = 0.0
         pending_events = 0
+        pending_extra: dict[str, str] = {}
         fd = cur.connection.fileno()
+        snaps = self._snapshots
+        by_name = {w.name: w for w in self.watches}
 
         def flush() -> None:
             nonlocal pending_end, pending_events
             if buffer:
                 sink.write(buffer)
                 buffer.clear()
-            sink.commit(format_lsn(pending_end))
+            sink.commit(format_lsn(pending_end), dict(pending_extra))
+            pending_extra.clear()
             self.stored_lsn = pending_end
             pending_end = 0
             pending_events = 0
@@ -541,6 +582,9 @@ class LogicalSource:
                     flush()
                 if not in_txn:
                     self._housekeeping(catalog, time.monotonic())
+                    if snaps and not snaps[0].awaiting:
+                        snaps[0].read_chunk(catalog, s.snapshot_chunk_size, asm.type_names)
+                        continue
                 select.select([fd], [], [], 0.2)
                 continue
             m = decode(msg.payload)
@@ -556,6 +600,9 @@ class LogicalSource:
                 if not pending_end:
                     pending_since = time.monotonic()
                 pending_end = m.end_lsn
+                if snaps and not snaps[0].awaiting:
+                    # Under a steady stream there is no idle moment: read chunks as we go.
+                    snaps[0].read_chunk(catalog, s.snapshot_chunk_size, asm.type_names)
                 if (
                     pending_events + len(buffer) >= s.batch_size
                     or time.monotonic() - pending_since >= s.max_batch_delay
@@ -563,22 +610,37 @@ class LogicalSource:
                     flush()
             elif skip_txn:
                 continue
-            elif isinstance(m, Insert):
-                ev = asm.insert(m)
+            elif isinstance(m, Insert | Update | Delete):
+                ev = (
+                    asm.insert(m)
+                    if isinstance(m, Insert)
+                    else asm.update(m)
+                    if isinstance(m, Update)
+                    else asm.delete(m)
+                )
                 if ev is not None:
                     buffer.append(ev)
-            elif isinstance(m, Update):
-                ev = asm.update(m)
-                if ev is not None:
-                    buffer.append(ev)
-            elif isinstance(m, Delete):
-                ev = asm.delete(m)
-                if ev is not None:
-                    buffer.append(ev)
+                    if snaps and snaps[0].window_open and ev.watch == snaps[0].watch:
+                        snaps[0].observe(ev.key)
+                        if "old_key" in ev.meta:
+                            snaps[0].observe(ev.meta["old_key"])
             elif isinstance(m, Relation):
                 buffer.extend(asm.relation(m))
             elif isinstance(m, Truncate):
-                buffer.extend(asm.truncate(m))
+                truncated = list(asm.truncate(m))
+                buffer.extend(truncated)
+                if snaps and any(e.watch == snaps[0].watch for e in truncated):
+                    snaps[0].invalidate()
+            elif isinstance(m, LogicalMessage) and m.prefix == WATERMARK_PREFIX:
+                if snaps and snaps[0].on_watermark(m.content) == "high":
+                    snap = snaps[0]
+                    rows, progress = snap.release()
+                    watch = by_name[snap.watch]
+                    buffer.extend(asm.read(watch, key, image) for key, image in rows)
+                    pending_extra[progress_name(snap.watch)] = progress
+                    if snap.done:
+                        log.info("initial snapshot of %s complete", snap.watch)
+                        snaps.pop(0)
             elif isinstance(m, LogicalMessage):
                 if not in_txn and not m.transactional and m.prefix == HEARTBEAT_PREFIX:
                     # Everything before the heartbeat has been sent, and is stored once the
