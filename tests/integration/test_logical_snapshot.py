@@ -109,7 +109,7 @@ def test_snapshot_under_concurrent_writes_and_a_restart_matches_the_table(db: Da
     writer = threading.Thread(target=lambda: writes.append(_writer(db, writer_stop, 1)))
     writer.start()
     try:
-        source, handle = _capture(db, settings, chunk=400)
+        _, handle = _capture(db, settings, chunk=400)
         # Stop capture somewhere in the middle of the snapshot, then start it again.
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
