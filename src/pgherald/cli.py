@@ -31,6 +31,7 @@ from pgherald.config import LOG_LEVELS, TABLE_METHODS, Settings, load_settings
 from pgherald.db.connect import connection_failed
 from pgherald.errors import PgHeraldError
 from pgherald.events import UNCHANGED_TOAST, ChangeEvent, RowImage
+from pgherald.store.migrations import LATEST_VERSION
 
 F = TypeVar("F", bound=Callable[..., Any])
 _OPTIONS_KEY: Final = "pgherald.options"
@@ -163,6 +164,11 @@ def init(ctx: click.Context) -> None:
     schema = admin.show_name(result.schema)
     if result.installed:
         click.echo(f"installed pgherald's store in schema {schema} (version {result.version})")
+    elif result.version < LATEST_VERSION:
+        click.echo(
+            f"pgherald's store is already installed in schema {schema} at version"
+            f" {result.version}; this pgherald needs {LATEST_VERSION}: run `pgherald migrate`"
+        )
     else:
         click.echo(
             f"pgherald's store is already installed in schema {schema}"

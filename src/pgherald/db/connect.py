@@ -141,7 +141,8 @@ _RULES: Final[tuple[tuple[re.Pattern[str], str], ...]] = tuple(
     for pattern, text in (
         (
             r"password authentication failed|authentication failed for user",
-            "password authentication failed: check the password in the DSN, PGPASSWORD or ~/.pgpass",
+            "password authentication failed: check the password in the DSN, PGPASSWORD"
+            " or ~/.pgpass",
         ),
         (
             r"no password supplied|password is required",
