@@ -417,6 +417,16 @@ class LogicalSource:
 
     def prepare_slot(self, conn: psycopg.Connection[Any], checkpoint: str | None) -> None:
         """Makes sure the slot exists, refusing to recreate one that held unstored changes."""
+        # Checked here because the walsender's own refusal arrives as a failed connection,
+        # which the reconnect loop would otherwise retry for ever.
+        row = conn.execute(
+            "SELECT rolsuper OR rolreplication FROM pg_roles WHERE rolname = current_user"
+        ).fetchone()
+        if row is not None and not row[0]:
+            raise CaptureError(
+                f"role {conn.info.user!r} may not stream changes: logical capture needs the"
+                " REPLICATION attribute (ALTER ROLE ... REPLICATION), or use --method trigger"
+            )
         info = logical_admin.slot_info(conn, self.settings.slot)
         lost = info is not None and info.wal_status == "lost"
         if info is None or lost:
