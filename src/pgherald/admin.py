@@ -444,6 +444,7 @@ def add_watch(
     name: str | None = None,
     method: str | None = None,
     replica_identity_full: bool = False,
+    snapshot: bool = False,
 ) -> AddedWatch:
     """Checks and stores a watch on a table, and adds the table to the publication.
 
@@ -451,7 +452,8 @@ def add_watch(
     ``(schema, table)`` pair; column names are exact. Refused, with nothing changed: an
     unknown table or column, a table without a primary key when no ``key`` is given, and
     (for logical capture) a table whose UPDATEs and DELETEs PostgreSQL would reject once
-    published, unless ``replica_identity_full`` makes them publishable.
+    published, unless ``replica_identity_full`` makes them publishable. ``snapshot`` asks
+    capture to start the watch with the table's current rows (as ``read`` events).
     """
     schema_name, table_name = parse_table_name(table) if isinstance(table, str) else table
     with connect(settings) as conn:
@@ -469,6 +471,7 @@ def add_watch(
                 name=name,
                 method=method or settings.method,
                 replica_identity_full=replica_identity_full,
+                snapshot=snapshot,
             )
         conn.commit()
     return added
@@ -486,6 +489,7 @@ def _add_watch(
     name: str | None,
     method: str,
     replica_identity_full: bool,
+    snapshot: bool,
 ) -> AddedWatch:
     if method not in TABLE_METHODS:
         raise WatchError(
@@ -575,6 +579,7 @@ def _add_watch(
         key_columns=tuple(key_columns),
         columns=columns,
         ignore_columns=ignore_columns,
+        options={"snapshot": True} if snapshot else {},
     )
     registry.add_watch(conn, settings.schema, watch)
     if method == "logical":
@@ -639,6 +644,7 @@ def add_watch_from_spec(settings: Settings, spec: WatchSpec) -> AddedWatch:
         name=spec.name,
         method=spec.method,
         replica_identity_full=spec.replica_identity_full,
+        snapshot=spec.snapshot,
     )
 
 

@@ -247,6 +247,11 @@ def _columns(value: str | None) -> tuple[str, ...] | None:
     is_flag=True,
     help="Set REPLICA IDENTITY FULL so updates and deletes carry whole old rows.",
 )
+@click.option(
+    "--snapshot",
+    is_flag=True,
+    help="Start with the table's current rows (as 'read' events), then follow its changes.",
+)
 @connection_options
 @click.pass_context
 def watch_add(
@@ -258,6 +263,7 @@ def watch_add(
     name: str | None,
     method: str | None,
     replica_identity_full: bool,
+    snapshot: bool,
 ) -> None:
     """Watch TABLE (schema.table, or table in public; quote unusual names as in SQL)."""
     added = admin.add_watch(
@@ -269,12 +275,14 @@ def watch_add(
         name=name,
         method=method,
         replica_identity_full=replica_identity_full,
+        snapshot=snapshot,
     )
     w = added.watch
     keys = ", ".join(admin.show_name(k) for k in w.key_columns)
     click.echo(
         f"added watch {w.name!r} on {admin.show_name(w.schema_name or '', w.table_name or '')}"
-        f" ({w.method} capture, key: {keys})"
+        f" ({w.method} capture, key: {keys}"
+        + (", starting with a snapshot of its rows)" if snapshot else ")")
     )
     for note in added.notes:
         click.echo(f"  note: {note}")

@@ -49,6 +49,7 @@ class WatchSpec:
     ignore_columns: tuple[str, ...] = ()
     key: tuple[str, ...] | None = None
     replica_identity_full: bool = False
+    snapshot: bool = False
 
 
 @dataclass(frozen=True)
@@ -202,9 +203,11 @@ def _watch_spec(raw: Any, where: str) -> WatchSpec:
         if not isinstance(method, str):
             raise ConfigError(f"{where}.method must be a string")
         method = _method(method, f"{where}.method")
-    full = raw.get("replica_identity_full", False)
-    if not isinstance(full, bool):
-        raise ConfigError(f"{where}.replica_identity_full must be true or false")
+    flags = {}
+    for flag in ("replica_identity_full", "snapshot"):
+        flags[flag] = raw.get(flag, False)
+        if not isinstance(flags[flag], bool):
+            raise ConfigError(f"{where}.{flag} must be true or false")
     return WatchSpec(
         table=table,
         name=name,
@@ -212,7 +215,8 @@ def _watch_spec(raw: Any, where: str) -> WatchSpec:
         columns=_string_list(raw["columns"], f"{where}.columns") if "columns" in raw else None,
         ignore_columns=_string_list(raw.get("ignore_columns", []), f"{where}.ignore_columns"),
         key=_string_list(raw["key"], f"{where}.key") if "key" in raw else None,
-        replica_identity_full=full,
+        replica_identity_full=flags["replica_identity_full"],
+        snapshot=flags["snapshot"],
     )
 
 

@@ -9,6 +9,7 @@ import re
 import signal
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
@@ -43,7 +44,7 @@ def app_db(db: Database) -> Database:
     return db
 
 
-def json_changes(db: Database, *args: str) -> list[dict[str, object]]:
+def json_changes(db: Database, *args: str) -> list[dict[str, Any]]:
     result = assert_ok(cli("changes", "--format", "json", *args, dsn=db.dsn))
     return [json.loads(line) for line in result.lines]
 
@@ -234,6 +235,30 @@ def test_run_stops_cleanly_on_signals(app_db: Database, signum: int) -> None:
     assert runner.returncode == 0, err
     assert "Traceback" not in err
     assert not slot_active(app_db)
+
+
+def test_watch_add_snapshot_starts_with_the_current_rows(app_db: Database) -> None:
+    app_db.execute("INSERT INTO projects VALUES ('A', 1), ('B', 2), ('C', 3)")
+    assert_ok(cli("init", dsn=app_db.dsn))
+    added = assert_ok(cli("watch", "add", "projects", "--snapshot", dsn=app_db.dsn))
+    assert "starting with a snapshot of its rows" in added.lines[0]
+    runner = start("run", dsn=app_db.dsn)
+    try:
+        wait_for(lambda: slot_active(app_db), what="pgherald run to open its slot")
+        app_db.execute("INSERT INTO projects VALUES ('D', 4)")
+        wait_for(lambda: len(json_changes(app_db)) >= 4, what="three rows and an insert")
+    finally:
+        runner.send_signal(signal.SIGTERM)
+        _, err = runner.communicate(timeout=30)
+    assert runner.returncode == 0, err
+    events = json_changes(app_db)
+    assert sorted((e["op"], e["key"]["code"]) for e in events) == [
+        ("insert", "D"),
+        ("read", "A"),
+        ("read", "B"),
+        ("read", "C"),
+    ]
+    assert len(json_changes(app_db, "--op", "read")) == 3
 
 
 def test_run_without_watches_says_what_to_do(app_db: Database) -> None:

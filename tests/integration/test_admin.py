@@ -211,6 +211,12 @@ def test_add_watch_with_primary_key(installed: Database) -> None:
     assert publication_tables(installed) == {("public", "employees")}
 
 
+def test_initial_snapshot_is_asked_for_in_the_watch_options(installed: Database) -> None:
+    settings = settings_for(installed)
+    assert admin.add_watch(settings, "employees", snapshot=True).watch.options == {"snapshot": True}
+    assert admin.add_watch(settings, '"CamelCase"').watch.options == {}
+
+
 def test_replica_identity_full_on_request(installed: Database) -> None:
     added = admin.add_watch(settings_for(installed), "employees", replica_identity_full=True)
     assert added.replica_identity == "full"

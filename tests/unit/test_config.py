@@ -101,6 +101,7 @@ method = "snapshot"
 columns = ["id", "amount"]
 key = ["id"]
 replica_identity_full = true
+snapshot = true
 """,
     )
     settings = load_settings(path, env={})
@@ -113,6 +114,7 @@ replica_identity_full = true
             columns=("id", "amount"),
             key=("id",),
             replica_identity_full=True,
+            snapshot=True,
         ),
     )
 
@@ -126,6 +128,7 @@ replica_identity_full = true
         ('[[watch]]\ntable = "t"\nkey = [1]\n', "key must be a list"),
         ('[[watch]]\ntable = "t"\ncolumns = "a,b"\n', "columns must be a list"),
         ('[[watch]]\ntable = "t"\nmethod = "magic"\n', "must be one of logical, trigger"),
+        ('[[watch]]\ntable = "t"\nsnapshot = "yes"\n', "snapshot must be true or false"),
         ('watch = "t"\n', "array of tables"),
         ("batch_size = 0\n", "at least 1"),
         ('batch_size = "many"\n', "whole number"),
