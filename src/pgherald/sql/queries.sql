@@ -252,6 +252,31 @@ fields AS (
 )
 SELECT count(*) FROM inserted
 
+-- name: direct_begin
+-- The direct path (see ChangeLog.append): events that are new by construction are COPYed
+-- straight into `events`, inside a savepoint so that a duplicate can fall back.
+SAVEPOINT pgherald_append
+
+-- name: shape_ids
+SELECT digest, id FROM shapes WHERE digest = ANY (%(digests)s::text[])
+
+-- name: copy_events
+COPY events (
+    event_id, watch, op, schema_name, table_name, row_key, key_columns, shape_id,
+    old_shape_id, old_values, new_values, unchanged, old_unchanged, changed, xid, position,
+    commit_time, captured_at, method, seq, old_values_source, meta
+) FROM STDIN
+
+-- name: direct_end
+RELEASE SAVEPOINT pgherald_append;
+SELECT set_config('search_path', current_setting('pgherald.saved_search_path'), true);
+
+-- name: direct_undo
+-- A duplicate event_id: forget the COPY and the search path, the staged path follows.
+ROLLBACK TO SAVEPOINT pgherald_append;
+RELEASE SAVEPOINT pgherald_append;
+SELECT set_config('search_path', current_setting('pgherald.saved_search_path'), true);
+
 -- Change log: reading --------------------------------------------------------------
 
 -- name: read_events

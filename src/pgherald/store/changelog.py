@@ -6,12 +6,19 @@ set-based statements (sent as one pipeline) store the batch's row shapes, comple
 updates that lack their old row from the log itself, and insert events and field rows
 with one ``INSERT ... SELECT ... ON CONFLICT (event_id) DO NOTHING``. The last makes a
 replayed batch harmless, which is what exactly-once into the log rests on.
+
+Batches that need none of that set-based work (no update to complete from the log, no
+field rows: inserts, deletes, truncates, schema events, snapshot reads, which is most of
+what capture sees) are COPYed straight into ``events`` instead, inside a savepoint; a
+duplicate ``event_id`` rolls back to it and the batch takes the idempotent path. See
+``ChangeLog.append`` for why that is sound and what it saves.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -80,11 +87,26 @@ _META: Final = json.JSONEncoder(ensure_ascii=False, default=str)
 _COPY_CHUNK: Final = 1000
 
 
+# What the JSON encoder escapes in a string (with ensure_ascii=False): nothing else.
+_JSON_SPECIAL: Final = re.compile(r'["\\\x00-\x1f]')
+
+
 def row_key_of(key: Mapping[str, Any]) -> str | None:
-    """The key columns' texts as a compact JSON array, in key order; ``None`` without a key."""
+    """The key columns' texts as a compact JSON array, in key order; ``None`` without a key.
+
+    Byte for byte what ``json`` with compact separators writes (rows are matched by it),
+    without the encoder's set-up for the usual texts that need no escaping.
+    """
     if not key:
         return None
-    return _COMPACT.encode([v if v is None or isinstance(v, str) else str(v) for v in key.values()])
+    parts = []
+    for v in key.values():
+        if v is None:
+            parts.append("null")
+            continue
+        text = v if isinstance(v, str) else str(v)
+        parts.append(_COMPACT.encode(text) if _JSON_SPECIAL.search(text) else f'"{text}"')
+    return "[" + ",".join(parts) + "]"
 
 
 def _json_dumps(value: Any) -> str:
@@ -122,6 +144,87 @@ def _key_changed(event: ChangeEvent) -> bool:
             if text is not None and not isinstance(text, Unchanged) and text != value:
                 return True
     return False
+
+
+class _DirectLines:
+    """Writes events as COPY text lines of ``events`` (``copy_events``), for the direct path.
+
+    The parts that repeat are formatted once: events of one watch share watch, table and
+    key column names, and events of one transaction share xid, position and times (the
+    logical source hands over the very same objects, so an identity test finds them).
+    """
+
+    __slots__ = ("_ca", "_ct", "_heads", "_method", "_pos", "_shape_ids", "_txn", "_xid")
+
+    def __init__(self, shape_ids: dict[int, str]) -> None:
+        self._shape_ids = shape_ids  # id(RowShape) -> shape id as text
+        self._heads: dict[tuple[Any, ...], tuple[str, str]] = {}
+        self._xid: int | None = None
+        self._pos: str | None = None
+        self._ct: datetime | None = None
+        self._ca: datetime | None = None
+        self._method: str | None = None
+        self._txn = ""
+
+    def line(self, e: ChangeEvent) -> str:
+        key = e.key
+        head_key = (e.watch, e.op, e.schema, e.table, *key)
+        found = self._heads.get(head_key)
+        if found is None:
+            head = "\t".join((ct.text(e.watch), ct.text(e.op), ct.text(e.schema), ct.text(e.table)))
+            found = self._heads[head_key] = (head, ct.text_array(list(key)))
+        head, key_columns = found
+        if not (
+            e.commit_time is self._ct
+            and e.captured_at is self._ca
+            and e.position == self._pos
+            and e.xid == self._xid
+            and e.method == self._method
+        ):
+            self._ct, self._ca, self._pos, self._xid, self._method = (
+                e.commit_time,
+                e.captured_at,
+                e.position,
+                e.xid,
+                e.method,
+            )
+            self._txn = "\t".join(
+                (
+                    ct.integer(e.xid),
+                    ct.text(e.position),
+                    ct.timestamptz(e.commit_time),
+                    ct.timestamptz(e.captured_at),
+                    ct.text(e.method),
+                )
+            )
+        shape_id = old_shape_id = new_values = unchanged = old_values = old_unchanged = ct.NULL
+        new, old = e.new, e.old
+        if new is not None:
+            shape_id = self._shape_ids[id(new.shape)]
+            new_values, unchanged = _array_fields(new)
+        if old is not None:
+            old_id = self._shape_ids[id(old.shape)]
+            if new is None:
+                shape_id = old_id
+            elif old_id != shape_id:
+                old_shape_id = old_id
+            old_values, old_unchanged = _array_fields(old)
+        changed = ct.text_array(list(dict.fromkeys(e.changed))) if e.changed else "{}"
+        meta = ct.text(_json_dumps(dict(e.meta))) if e.meta else "{}"
+        return (
+            f"{ct.text(e.event_id)}\t{head}\t{ct.text(row_key_of(key))}\t{key_columns}\t"
+            f"{shape_id}\t{old_shape_id}\t{old_values}\t{new_values}\t{unchanged}\t"
+            f"{old_unchanged}\t{changed}\t{self._txn}\t{e.seq:d}\t{ct.text(e.old_values)}\t{meta}"
+        )
+
+
+def _array_fields(image: RowImage) -> tuple[str, str]:
+    """An image's values and its unchanged-TOAST column names as COPY ``text[]`` fields."""
+    texts = image.texts
+    if UNCHANGED_TOAST in texts:
+        values, unchanged = _texts(image)
+        return ct.text_array(values), ct.text_array(unchanged)
+    return ct.text_array(texts), ct.NULL  # type: ignore[arg-type]  # no UNCHANGED_TOAST
 
 
 class ChangeLog:
@@ -238,44 +341,102 @@ class ChangeLog:
         no previous version exists the old row stays unknown and unfilled columns are
         kept as ``UNCHANGED_TOAST``. On an autocommit connection the batch is a transaction
         of its own.
+
+        Two ways to store, one result. A batch with no update in it needs nothing from the
+        staging table (nothing to complete from the log, no field rows), so it is COPYed
+        straight into ``events`` inside a savepoint: no staging rows, no join, no ON
+        CONFLICT probe, which is most of the server's work per event. That is sound
+        because the unique index on ``event_id`` still guards the log: if any event of the
+        batch is already there (a replay), the COPY fails with a unique violation, we roll
+        back to the savepoint, and the batch takes the idempotent staged path, so a
+        duplicate costs time, never correctness. Logical capture only hands over
+        transactions newer than its checkpoint, which commits with their events, so for it
+        the direct path is the rule and the fallback the exception.
         """
         if not events:
             return 0
+        seen: set[str] = set()
+        batch: list[ChangeEvent] = []
+        for e in events:
+            if e.event_id not in seen:
+                seen.add(e.event_id)
+                batch.append(e)
+        with store_errors(self.schema), transaction_for(self.conn):
+            if not any(e.op == "update" for e in batch):
+                stored = self._append_direct(batch)
+                if stored is not None:
+                    return stored
+            return self._append_staged(batch)
+
+    def _append_staged(self, batch: list[ChangeEvent]) -> int:
+        """The general path: staging table, filling, ``INSERT ... ON CONFLICT DO NOTHING``."""
         conn = self.conn
         batch_shapes: dict[str, Any] = {}
-        seen: set[str] = set()
         needs_fill = False
-        with store_errors(self.schema), transaction_for(conn):
-            conn.execute(enter_sql(self.schema, query("create_stage")))
-            with conn.cursor() as cur, cur.copy(query("copy_stage")) as copy:
-                chunk: list[str] = []
-                for e in events:
-                    if e.event_id in seen:
-                        continue
-                    seen.add(e.event_id)
-                    line, fill = self._stage_line(len(seen) - 1, e, batch_shapes)
-                    needs_fill = needs_fill or fill
-                    chunk.append(line)
-                    if len(chunk) >= _COPY_CHUNK:
-                        copy.write("\n".join(chunk) + "\n")
-                        chunk.clear()
-                if chunk:
+        conn.execute(enter_sql(self.schema, query("create_stage")))
+        with conn.cursor() as cur, cur.copy(query("copy_stage")) as copy:
+            chunk: list[str] = []
+            for ord_, e in enumerate(batch):
+                line, fill = self._stage_line(ord_, e, batch_shapes)
+                needs_fill = needs_fill or fill
+                chunk.append(line)
+                if len(chunk) >= _COPY_CHUNK:
                     copy.write("\n".join(chunk) + "\n")
-            with conn.pipeline():
-                conn.execute(
-                    query("upsert_shapes"),
-                    {
-                        "digests": list(batch_shapes),
-                        "columns": [Jsonb(c) for c in batch_shapes.values()],
-                    },
-                )
-                if needs_fill:
-                    conn.execute(query("fill_from_log"))
-                counted = conn.cursor(row_factory=tuple_row)
-                counted.execute(query("insert_events"))
-                conn.execute(query("finish_append"))
-            result = counted.fetchone()
+                    chunk.clear()
+            if chunk:
+                copy.write("\n".join(chunk) + "\n")
+        with conn.pipeline():
+            conn.execute(
+                query("upsert_shapes"),
+                {
+                    "digests": list(batch_shapes),
+                    "columns": [Jsonb(c) for c in batch_shapes.values()],
+                },
+            )
+            if needs_fill:
+                conn.execute(query("fill_from_log"))
+            counted = conn.cursor(row_factory=tuple_row)
+            counted.execute(query("insert_events"))
+            conn.execute(query("finish_append"))
+        result = counted.fetchone()
         return int(result[0]) if result else 0
+
+    def _append_direct(self, batch: list[ChangeEvent]) -> int | None:
+        """COPYs a batch without updates straight into ``events``; ``None`` if one was there.
+
+        Four round trips whatever the batch's size: enter the schema and set a savepoint,
+        store the batch's shapes and learn their ids (one pipeline), COPY, release.
+        """
+        conn = self.conn
+        shapes: dict[int, RowShape] = {}
+        for e in batch:
+            if e.new is not None:
+                shapes[id(e.new.shape)] = e.new.shape
+            if e.old is not None:
+                shapes[id(e.old.shape)] = e.old.shape
+        infos = {key: self._shape(shape) for key, shape in shapes.items()}
+        by_digest = {info.digest: info.columns for info in infos.values()}
+        conn.execute(enter_sql(self.schema, query("direct_begin")))
+        with conn.pipeline():
+            conn.execute(
+                query("upsert_shapes"),
+                {"digests": list(by_digest), "columns": [Jsonb(c) for c in by_digest.values()]},
+            )
+            found = conn.cursor(row_factory=tuple_row)
+            found.execute(query("shape_ids"), {"digests": list(by_digest)})
+        ids_by_digest = {str(digest): str(shape_id) for digest, shape_id in found.fetchall()}
+        shape_ids = {key: ids_by_digest[info.digest] for key, info in infos.items()}
+        try:
+            with conn.cursor() as cur, cur.copy(query("copy_events")) as copy:
+                line = _DirectLines(shape_ids).line
+                for start in range(0, len(batch), _COPY_CHUNK):
+                    chunk = [line(e) for e in batch[start : start + _COPY_CHUNK]]
+                    copy.write("\n".join(chunk) + "\n")
+        except psycopg.errors.UniqueViolation:
+            conn.execute(query("direct_undo"))
+            return None
+        conn.execute(query("direct_end"))
+        return len(batch)
 
     # -- reading -----------------------------------------------------------------------
 
