@@ -34,8 +34,9 @@ import psycopg2.extensions
 import psycopg2.extras
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
+from pgherald.db.connect import connect
 from pgherald.db.types import TypeRegistry, apply_canonical_settings, canonical_options
-from pgherald.errors import CaptureError
+from pgherald.errors import CaptureError, ConnectionFailed
 from pgherald.events import ChangeEvent, RowImage, Unchanged
 from pgherald.events.model import ColumnSpec, RowShape
 from pgherald.sources import logical_admin
@@ -144,6 +145,9 @@ class TransactionAssembler:
     commit_time: datetime | None = None
     seq: int = 0
     captured_at: datetime = field(default_factory=lambda: datetime.now(UTC))
+    _position: str = "0/0"
+    _id_prefix: str = "L/0000000000000000/"
+    _captured_mono: float = 0.0
 
     def __post_init__(self) -> None:
         self._by_table = {(w.schema, w.table): w for w in self.watches}
@@ -153,15 +157,27 @@ class TransactionAssembler:
         self._known_shapes[(schema, table)] = shape
 
     def begin(self, msg: Begin) -> None:
+        """Starts a transaction: what its events share is formatted here, once.
+
+        The capture time is read again only when a millisecond has passed or the
+        transaction committed after the last reading (so it is never before the commit):
+        draining a backlog of one-row transactions, that spares a clock reading and a
+        timestamp to format for each, and every event of a batch shares one object.
+        """
         self.xid = msg.xid
         self.commit_lsn = msg.final_lsn
         self.commit_time = msg.commit_time
         self.seq = 0
-        self.captured_at = datetime.now(UTC)
+        self._position = format_lsn(msg.final_lsn)
+        self._id_prefix = f"L/{msg.final_lsn:016X}/"
+        now = time.monotonic()
+        if now - self._captured_mono >= 0.001 or msg.commit_time >= self.captured_at:
+            self.captured_at = datetime.now(UTC)
+            self._captured_mono = now
 
     def _event_id(self) -> str:
         self.seq += 1
-        return f"L/{self.commit_lsn:016X}/{self.seq}"
+        return f"{self._id_prefix}{self.seq}"
 
     def _event(
         self,
@@ -186,7 +202,7 @@ class TransactionAssembler:
             new=new,
             changed=changed,
             xid=self.xid,
-            position=format_lsn(self.commit_lsn),
+            position=self._position,
             commit_time=self.commit_time,
             captured_at=self.captured_at,
             method="logical",
@@ -385,6 +401,7 @@ class LogicalSource:
         self.connected = threading.Event()
         self.slot_status: logical_admin.SlotInfo | None = None
         self._last_heartbeat = 0.0
+        self._ever_connected = False
         self._snapshots: list[TableSnapshot] = []
         self._last_slot_check = 0.0
 
@@ -461,7 +478,17 @@ class LogicalSource:
                 psycopg2.OperationalError,
                 psycopg2.InterfaceError,
                 psycopg.OperationalError,
+                ConnectionFailed,
             ) as e:
+                if (
+                    isinstance(e, ConnectionFailed | psycopg2.OperationalError)
+                    and not self._ever_connected
+                ):
+                    # The first connection failing is a configuration problem (wrong host,
+                    # password, privileges): say so at once instead of retrying forever.
+                    if isinstance(e, ConnectionFailed):
+                        raise
+                    raise CaptureError(_replication_error(e)) from None
                 self.connected.clear()
                 sink.rollback()
                 if stop.is_set():
@@ -476,7 +503,9 @@ class LogicalSource:
 
     def _session(self, sink: CaptureSink, stop: threading.Event) -> None:
         checkpoint = sink.checkpoint()
-        with psycopg.connect(self.settings.dsn, autocommit=True) as catalog:
+        with connect(
+            self.settings.dsn, autocommit=True, application_name="pgherald-catalog"
+        ) as catalog:
             self.prepare_slot(catalog, checkpoint)
             apply_canonical_settings(catalog)  # snapshot chunks are read as text, like pgoutput's
             assembler = TransactionAssembler(self.watches, self._type_names(catalog))
@@ -521,6 +550,7 @@ class LogicalSource:
                         " is another pgherald capturing?"
                     ) from e
                 self.connected.set()
+                self._ever_connected = True
                 log.info(
                     "capturing from slot %s at %s", self.settings.slot, checkpoint or "its start"
                 )
@@ -672,6 +702,22 @@ class LogicalSource:
                 buffer.clear()
         if pending_end and not in_txn:
             flush()
+
+
+def _replication_error(e: Exception) -> str:
+    """One line for a replication connection that could not be opened, without secrets."""
+    text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    if "replication" in text and ("permission" in text or "must be" in text):
+        return (
+            f"cannot open a replication connection: {text} (the role needs the REPLICATION"
+            " attribute: ALTER ROLE ... REPLICATION; or use --method trigger)"
+        )
+    if "pg_hba.conf" in text:
+        return (
+            f"cannot open a replication connection: {text} (pg_hba.conf needs a"
+            " 'replication' line for this role and host)"
+        )
+    return f"cannot open a replication connection: {text}"
 
 
 def emit_heartbeat(conn: psycopg.Connection[Any]) -> None:
