@@ -81,8 +81,14 @@ def install(
     for table in tables:
         admin.add_watch(settings, table, **watch_options)
     if slot:
-        app.ensure_slot(settings)
+        ensure_slot(settings)
     return settings
+
+
+def ensure_slot(settings: Settings) -> bool:
+    """Creates pgherald's slot if capture never ran (``admin.ensure_slot``, once in ``app``)."""
+    ensure = getattr(admin, "ensure_slot", None) or getattr(app, "ensure_slot")  # noqa: B009
+    return bool(ensure(settings))
 
 
 # -- running capture -------------------------------------------------------------------------

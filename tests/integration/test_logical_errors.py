@@ -16,7 +16,6 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from pgherald import app
 from pgherald.db.embedded import EmbeddedCluster
 from pgherald.errors import CaptureError
 from tests import capture_harness as h
@@ -63,7 +62,7 @@ def test_wal_level_replica_is_refused_with_how_to_fix(private_cluster: EmbeddedC
     db.execute("CREATE TABLE t (id int PRIMARY KEY)")
     settings = h.install(db.dsn, ["public.t"], slot=False)
     with pytest.raises(CaptureError, match="wal_level = logical"):
-        app.ensure_slot(settings)
+        h.ensure_slot(settings)
     code, line = run_once(settings)
     assert code == 1
     assert "wal_level" in line and "logical" in line and "restart" in line, line
@@ -89,7 +88,7 @@ def test_role_without_replication_cannot_create_the_slot(plain_role: tuple[Datab
         conn.execute("CREATE TABLE t (id int PRIMARY KEY)")
     settings = h.install(dsn, ["public.t"], slot=False)
     with pytest.raises(CaptureError, match="REPLICATION"):
-        app.ensure_slot(settings)
+        h.ensure_slot(settings)
     code, line = run_once(settings)
     assert code == 1
     assert "REPLICATION" in line, line
@@ -104,7 +103,7 @@ def test_role_without_replication_cannot_stream_from_an_existing_slot(
     with psycopg.connect(dsn, autocommit=True) as conn:
         conn.execute("CREATE TABLE t (id int PRIMARY KEY)")
     settings = h.install(dsn, ["public.t"], slot=False)
-    app.ensure_slot(h.settings_for(db.dsn))  # as the superuser
+    h.ensure_slot(h.settings_for(db.dsn))  # as the superuser
     started = time.monotonic()
     code, line = run_once(settings)
     assert code == 1
@@ -122,7 +121,7 @@ def test_no_free_slot_says_which_setting_to_change(private_cluster: EmbeddedClus
             conn.execute("SELECT pg_create_logical_replication_slot(%s, 'pgoutput')", (name,))
     settings = h.install(db.dsn, ["public.t"], slot=False)
     with pytest.raises(CaptureError, match="max_replication_slots"):
-        app.ensure_slot(settings)
+        h.ensure_slot(settings)
     code, line = run_once(settings)
     assert code == 1
     assert "max_replication_slots" in line, line
