@@ -29,12 +29,12 @@ from pgherald.config import Settings
 from pgherald.db.embedded import EmbeddedCluster
 from pgherald.sources.logical import parse_lsn
 
-TABLE = "bench_rows"
+TABLE = "bench_rows"  # written out in the SQL below
 WATCH = "bench_rows"
 REF_SLOT = "bench_reference"
 
-CREATE_TABLE = f"""
-CREATE TABLE public.{TABLE} (
+CREATE_TABLE = """
+CREATE TABLE public.bench_rows (
     id bigserial PRIMARY KEY,
     name text NOT NULL,
     amount numeric(12, 2) NOT NULL,
@@ -44,26 +44,30 @@ CREATE TABLE public.{TABLE} (
 """
 
 INSERT_ONE = (
-    f"INSERT INTO public.{TABLE} (name, amount, flag)"
+    "INSERT INTO public.bench_rows (name, amount, flag)"
     " VALUES ('customer-' || (random() * 1000)::int || '@example.com',"
     " round((random() * 10000)::numeric, 2), random() < 0.5)"
 )
 
 # Server-side: one transaction per row, without a client round trip per row, so a big
 # backlog is made in seconds. The WAL it leaves is what a busy application leaves.
-SINGLE_ROW_TRANSACTIONS = f"""
+SINGLE_ROW_TRANSACTIONS = (
+    """
 DO $$
 BEGIN
     FOR i IN 1..%s LOOP
-        {INSERT_ONE};
+        """
+    + INSERT_ONE
+    + """;
         COMMIT;
     END LOOP;
 END
 $$
 """
+)
 
-ONE_TRANSACTION = f"""
-INSERT INTO public.{TABLE} (name, amount, flag)
+ONE_TRANSACTION = """
+INSERT INTO public.bench_rows (name, amount, flag)
 SELECT 'customer-' || (i %% 1000) || '@example.com', (i %% 100000) / 100.0, i %% 2 = 0
 FROM generate_series(1, %s) AS i
 """
@@ -111,9 +115,7 @@ class BenchDB:
 
     def create_reference_slot(self) -> None:
         with self.connect() as conn:
-            conn.execute(
-                "SELECT pg_create_logical_replication_slot(%s, 'pgoutput')", (REF_SLOT,)
-            )
+            conn.execute("SELECT pg_create_logical_replication_slot(%s, 'pgoutput')", (REF_SLOT,))
 
     def drop(self) -> None:
         """Drops the slots (they would keep WAL) and the database."""
@@ -131,9 +133,7 @@ class BenchDB:
                 " WHERE database = %s",
                 (self.name,),
             )
-            conn.execute(
-                sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(self.name))
-            )
+            conn.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(self.name)))
 
 
 def bench_db(cluster: EmbeddedCluster, name: str, **overrides: Any) -> BenchDB:
@@ -145,7 +145,9 @@ def bench_db(cluster: EmbeddedCluster, name: str, **overrides: Any) -> BenchDB:
         conn.execute(CREATE_TABLE)
     admin.init(settings)
     admin.add_watch(settings, ("public", TABLE), name=WATCH)
-    app.ensure_slot(settings)
+    # Newer versions create the slot in add_watch; ensure_slot is harmless either way.
+    ensure_slot = getattr(admin, "ensure_slot", None) or getattr(app, "ensure_slot")  # noqa: B009
+    ensure_slot(settings)
     return BenchDB(cluster, name, settings)
 
 

@@ -25,15 +25,16 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
-import _common as c  # noqa: E402
+from bench import _common as c
+from pgherald.db.embedded import EmbeddedCluster
 
 TARGET_RATE = 50_000
 TARGET_RATIO = 0.3
 
 
-def one_case(cluster: c.EmbeddedCluster, case: str, rows: int, repeat: int) -> None:
+def one_case(cluster: EmbeddedCluster, case: str, rows: int, repeat: int) -> None:
     statement = c.SINGLE_ROW_TRANSACTIONS if case == "single" else c.ONE_TRANSACTION
     ours: list[float] = []
     theirs: list[float] = []
