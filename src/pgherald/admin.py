@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Final
 
 import psycopg
@@ -27,7 +27,7 @@ from pgherald.config import TABLE_METHODS, Settings, TableMethod, WatchSpec
 from pgherald.db.connect import connect
 from pgherald.errors import CaptureError, ConfigError, SchemaError, WatchError
 from pgherald.sources import logical_admin
-from pgherald.store import migrations
+from pgherald.store import checkpoints, migrations
 from pgherald.store import watches as registry
 from pgherald.store.changelog import ChangeLog, StoredEvent
 from pgherald.store.watches import Watch
@@ -474,7 +474,38 @@ def add_watch(
                 snapshot=snapshot,
             )
         conn.commit()
+    if added.watch.method == "logical":
+        # After the commit: PostgreSQL refuses to create a slot in a transaction that wrote.
+        try:
+            if ensure_slot(settings):
+                added = replace(
+                    added,
+                    notes=(
+                        *added.notes,
+                        f"created replication slot {settings.slot!r}: changes are kept from now on",
+                    ),
+                )
+        except CaptureError as e:
+            added = replace(added, notes=(*added.notes, f"slot not created yet: {e}"))
     return added
+
+
+def ensure_slot(settings: Settings) -> bool:
+    """Creates the replication slot when capture has never run, so changes are kept from now.
+
+    From the moment a logical watch exists, PostgreSQL retains every change for pgherald,
+    even if ``pgherald run`` starts later. A slot that is missing while the change log holds
+    a checkpoint is *not* recreated here: that is a gap, which capture reports (and
+    ``pgherald run --resync`` accepts). Returns whether a slot was created.
+    """
+    with connect(settings, autocommit=True) as conn:
+        if logical_admin.slot_info(conn, settings.slot) is not None:
+            return False
+        source = f"logical:{settings.slot}"
+        if checkpoints.load_checkpoint(conn, settings.schema, source) is not None:
+            return False
+        logical_admin.create_slot(conn, settings.slot)
+        return True
 
 
 def _add_watch(

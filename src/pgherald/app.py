@@ -16,9 +16,9 @@ from typing import Any
 import psycopg
 
 from pgherald.config import Settings
+from pgherald.db.connect import connect
 from pgherald.errors import ConfigError
 from pgherald.events import ChangeEvent
-from pgherald.sources import logical_admin
 from pgherald.sources.logical import LogicalSettings, LogicalSource, LogicalWatch
 from pgherald.store import checkpoints, migrations, watches
 from pgherald.store.changelog import ChangeLog
@@ -34,55 +34,66 @@ class ChangeLogSink:
     """
 
     def __init__(self, dsn: str, schema: str, source: str) -> None:
-        self.conn: psycopg.Connection[Any] = psycopg.connect(
-            dsn, autocommit=False, application_name="pgherald-store"
-        )
+        self.dsn = dsn
         self.schema = schema
         self.source = source
-        self.log = ChangeLog(self.conn, schema)
+        self._conn: psycopg.Connection[Any] | None = None
+        self._log: ChangeLog | None = None
         self._per_watch: Counter[str] = Counter()
         self.stored_events = 0
+        self._connection()  # fail fast on a wrong DSN
+
+    def _connection(self) -> psycopg.Connection[Any]:
+        """The store connection, opened again after it was lost (lazily, on next use)."""
+        if self._conn is None or self._conn.closed:
+            self._conn = connect(self.dsn, autocommit=False, application_name="pgherald-store")
+            self._log = ChangeLog(self._conn, self.schema)
+        return self._conn
 
     def write(self, events: Sequence[ChangeEvent]) -> None:
-        self.log.append(events)
+        self._connection()
+        assert self._log is not None
+        self._log.append(events)
         self._per_watch.update(e.watch for e in events)
 
     def commit(self, position: str, extra: Mapping[str, str] | None = None) -> None:
+        conn = self._connection()
         for name, count in self._per_watch.items():
-            watches.record_watch_activity(self.conn, self.schema, name, count, True, None)
-        checkpoints.save_checkpoint(self.conn, self.schema, self.source, position)
+            watches.record_watch_activity(conn, self.schema, name, count, True, None)
+        checkpoints.save_checkpoint(conn, self.schema, self.source, position)
         for name, value in (extra or {}).items():
-            checkpoints.save_checkpoint(self.conn, self.schema, name, value)
-        self.conn.commit()
+            checkpoints.save_checkpoint(conn, self.schema, name, value)
+        conn.commit()
         self.stored_events += sum(self._per_watch.values())
         self._per_watch.clear()
 
     def rollback(self) -> None:
+        """Forgets the uncommitted part; never raises, so a source can always call it."""
         self._per_watch.clear()
-        if not self.conn.closed:
+        if self._conn is not None and not self._conn.closed:
             try:
-                self.conn.rollback()
+                self._conn.rollback()
             except psycopg.Error:
-                self.conn.close()
-        if self.conn.closed:
-            self.conn = psycopg.connect(self.conn.info.dsn, autocommit=False)
-            self.log = ChangeLog(self.conn, self.schema)
+                self._conn.close()
 
     def checkpoint(self, name: str | None = None) -> str | None:
-        position = checkpoints.load_checkpoint(self.conn, self.schema, name or self.source)
-        self.conn.commit()
+        conn = self._connection()
+        position = checkpoints.load_checkpoint(conn, self.schema, name or self.source)
+        conn.commit()
         return position
 
     def close(self) -> None:
-        self.conn.close()
+        if self._conn is not None:
+            self._conn.close()
 
 
 def logical_source_name(settings: Settings) -> str:
+    """The checkpoint name of the logical source (``admin.ensure_slot`` uses the same)."""
     return f"logical:{settings.slot}"
 
 
 def logical_watches(settings: Settings) -> list[LogicalWatch]:
-    with psycopg.connect(settings.dsn, autocommit=True) as conn:
+    with connect(settings, autocommit=True) as conn:
         migrations.require_current(conn, settings.schema)
         found = [w for w in watches.list_watches(conn, settings.schema) if w.method == "logical"]
     return [
@@ -126,23 +137,6 @@ def run(settings: Settings, stop: threading.Event, resync: bool = False) -> None
         source.run(sink, stop)
     finally:
         sink.close()
-
-
-def ensure_slot(settings: Settings) -> bool:
-    """Creates the replication slot when capture has never run, so changes are kept from now.
-
-    Called right after a logical watch is added: from that moment PostgreSQL retains every
-    change for pgherald even if ``pgherald run`` starts later. A slot that is missing while
-    the change log holds a checkpoint is *not* recreated here: that is a gap, and the
-    capture source reports it (see ``LogicalSource.prepare_slot``).
-    """
-    with psycopg.connect(settings.dsn, autocommit=True) as conn:
-        if logical_admin.slot_info(conn, settings.slot) is not None:
-            return False
-        if checkpoints.load_checkpoint(conn, settings.schema, logical_source_name(settings)):
-            return False
-        logical_admin.create_slot(conn, settings.slot)
-        return True
 
 
 class Capture:

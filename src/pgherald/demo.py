@@ -331,7 +331,6 @@ def main(
             file=out,
             flush=True,
         )
-        app.ensure_slot(settings)
         capture = app.Capture(settings).start()
         capture.wait_ready()
         rng = random.Random(seed)

@@ -404,14 +404,39 @@ def test_remove_watch_updates_the_publication(installed: Database) -> None:
 # -- uninstall ----------------------------------------------------------------------------------
 
 
-def create_slot(db: Database, name: str = "pgherald") -> None:
-    db.execute("SELECT pg_create_logical_replication_slot(%s, 'pgoutput')", (name,))
+def slot_names(db: Database) -> list[str]:
+    return [str(r[0]) for r in db.execute("SELECT slot_name FROM pg_replication_slots")]
+
+
+def test_first_logical_watch_creates_the_slot_so_changes_are_kept(installed: Database) -> None:
+    settings = settings_for(installed)
+    assert slot_names(installed) == []
+    added = admin.add_watch(settings, "employees")
+    assert slot_names(installed) == ["pgherald"]
+    assert any("created replication slot" in n for n in added.notes)
+    installed.execute("INSERT INTO employees (id, name) VALUES (1, 'before run')")
+    changes = installed.execute(
+        "SELECT count(*) FROM pg_logical_slot_peek_binary_changes('pgherald', NULL, NULL,"
+        " 'proto_version', '1', 'publication_names', 'pgherald')"
+    )
+    assert changes[0][0] >= 3  # BEGIN, RELATION/INSERT, COMMIT: kept for the first run
+
+
+def test_a_lost_slot_is_not_recreated_behind_the_change_logs_back(installed: Database) -> None:
+    settings = settings_for(installed)
+    admin.add_watch(settings, "employees")
+    installed.execute(
+        "INSERT INTO pgherald.checkpoints (source, position) VALUES ('logical:pgherald', '0/1')"
+    )
+    installed.execute("SELECT pg_drop_replication_slot('pgherald')")
+    installed.execute("CREATE TABLE other (id int PRIMARY KEY)")
+    admin.add_watch(settings, "other")
+    assert slot_names(installed) == []  # capture reports the gap; --resync accepts it
 
 
 def test_uninstall_removes_everything(installed: Database) -> None:
     settings = settings_for(installed)
     admin.add_watch(settings, "employees")
-    create_slot(installed)
     result = admin.uninstall(settings)
     assert result.removed == (
         "replication slot pgherald",
@@ -428,7 +453,6 @@ def test_uninstall_removes_everything(installed: Database) -> None:
 def test_uninstall_refuses_while_the_slot_is_in_use(installed: Database) -> None:
     settings = settings_for(installed)
     admin.add_watch(settings, "employees")
-    create_slot(installed)
     before = snapshot(installed)
     replication = psycopg2.connect(
         installed.dsn, connection_factory=psycopg2.extras.LogicalReplicationConnection

@@ -22,6 +22,7 @@ import logging
 import select
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -591,11 +592,33 @@ class LogicalSource:
         stop: threading.Event,
         catalog: psycopg.Connection[Any],
     ) -> None:
+        """Reads, decodes and assembles; a ``_StoreWriter`` stores meanwhile.
+
+        Batches are handed over when full, when old, or as soon as the writer is idle (so
+        a trickle is stored at once, and under load batches grow by themselves while the
+        writer is busy: group commit). Only what the writer reports as committed is
+        acknowledged; before a heartbeat moves the slot past everything, the writer is
+        drained.
+        """
+        writer = _StoreWriter(sink)
+        try:
+            self._read(cur, asm, writer, stop, catalog)
+        finally:
+            writer.close()
+
+    def _read(
+        self,
+        cur: Any,
+        asm: TransactionAssembler,
+        writer: _StoreWriter,
+        stop: threading.Event,
+        catalog: psycopg.Connection[Any],
+    ) -> None:
         s = self.settings
         buffer: list[ChangeEvent] = []
         in_txn = False
         skip_txn = False
-        pending_end = 0  # end LSN of the last complete transaction not yet committed to the store
+        pending_end = 0  # end LSN of the last complete transaction not yet handed to the writer
         pending_since = 0.0
         pending_events = 0
         pending_extra: dict[str, str] = {}
@@ -603,60 +626,74 @@ class LogicalSource:
         snaps = self._snapshots
         by_name = {w.name: w for w in self.watches}
 
-        def flush() -> None:
-            nonlocal pending_end, pending_events
-            if buffer:
-                sink.write(buffer)
-                buffer.clear()
-            sink.commit(format_lsn(pending_end), dict(pending_extra))
+        def acknowledge() -> None:
+            if writer.durable > self.stored_lsn:
+                self.stored_lsn = writer.durable
+                self._acknowledge(cur)
+
+        def flush(wait: bool = False) -> None:
+            nonlocal buffer, pending_end, pending_events
+            writer.submit(buffer, pending_end, dict(pending_extra))
+            buffer = []  # the writer owns the old list now
             pending_extra.clear()
-            self.stored_lsn = pending_end
             pending_end = 0
             pending_events = 0
-            self._acknowledge(cur)
+            if wait:
+                writer.drain()
+            acknowledge()
 
         while not stop.is_set():
             msg = cur.read_message()
             if msg is None:
                 if pending_end and not in_txn:
                     flush()
+                else:
+                    writer.check()
+                    acknowledge()
                 if not in_txn:
                     self._housekeeping(catalog, time.monotonic())
                     if snaps and not snaps[0].awaiting:
                         snaps[0].read_chunk(catalog, s.snapshot_chunk_size, asm.type_names)
                         continue
-                select.select([fd], [], [], 0.2)
+                select.select([fd], [], [], 0.01 if writer.busy else 0.2)
                 continue
             m = decode(msg.payload)
-            if isinstance(m, Begin):
+            kind = type(m)
+            if kind is Begin:
+                assert isinstance(m, Begin)
                 in_txn = True
                 # A transaction already stored (a replay after a crash) is skipped whole.
                 skip_txn = m.final_lsn < self.stored_lsn
                 asm.begin(m)
-            elif isinstance(m, Commit):
+            elif kind is Commit:
+                assert isinstance(m, Commit)
                 in_txn = False
                 if skip_txn:
                     continue
+                now = time.monotonic()
                 if not pending_end:
-                    pending_since = time.monotonic()
+                    pending_since = now
                 pending_end = m.end_lsn
                 if snaps and not snaps[0].awaiting:
                     # Under a steady stream there is no idle moment: read chunks as we go.
                     snaps[0].read_chunk(catalog, s.snapshot_chunk_size, asm.type_names)
                 if (
-                    pending_events + len(buffer) >= s.batch_size
-                    or time.monotonic() - pending_since >= s.max_batch_delay
+                    not writer.busy
+                    or pending_events + len(buffer) >= s.batch_size
+                    or now - pending_since >= s.max_batch_delay
                 ):
                     flush()
             elif skip_txn:
                 continue
-            elif isinstance(m, Insert | Update | Delete):
+            elif kind is Insert or kind is Update or kind is Delete:
                 ev = (
                     asm.insert(m)
                     if isinstance(m, Insert)
                     else asm.update(m)
                     if isinstance(m, Update)
                     else asm.delete(m)
+                    if isinstance(m, Delete)
+                    else None
                 )
                 if ev is not None:
                     buffer.append(ev)
@@ -687,7 +724,10 @@ class LogicalSource:
                     # pending batch is: the slot may move past it even if nothing we watch
                     # changed (an idle database in a busy cluster).
                     if pending_end:
-                        flush()
+                        flush(wait=True)
+                    else:
+                        writer.drain()
+                        acknowledge()
                     if m.lsn > self.stored_lsn:
                         self.stored_lsn = m.lsn
                         self._acknowledge(cur)
@@ -698,10 +738,95 @@ class LogicalSource:
             if len(buffer) >= s.batch_size:
                 # Large transactions go to the store in pieces, inside one store transaction.
                 pending_events += len(buffer)
-                sink.write(buffer)
-                buffer.clear()
+                writer.submit(buffer, 0, None)
+                buffer = []
         if pending_end and not in_txn:
-            flush()
+            flush(wait=True)
+        else:
+            writer.drain()
+            acknowledge()
+
+
+class _StoreWriter:
+    """Calls the sink from a thread of its own, so that storing overlaps reading and decoding.
+
+    The sink's calls wait for the server most of the time, and psycopg waits without
+    holding the GIL, so while one batch is stored the next is read and assembled. Jobs
+    run in order, and at most ``depth`` are queued or running: that bounds memory, and
+    makes the reader (and so the server's sending) wait when storing is the bottleneck.
+    ``durable`` is the end LSN of the last commit that returned, and only that may be
+    acknowledged. After a failure the jobs behind it are dropped (their store transaction
+    is gone) and the failure is raised in the reader at its next call; the session then
+    ends as it would have, and the caller rolls the sink back.
+    """
+
+    def __init__(self, sink: CaptureSink, depth: int = 2) -> None:
+        self._sink = sink
+        self._depth = depth
+        self._jobs: deque[tuple[list[ChangeEvent], int, dict[str, str] | None]] = deque()
+        self._cond = threading.Condition()
+        self._failure: BaseException | None = None
+        self._closing = False
+        self.busy = 0
+        """Jobs queued or running."""
+        self.durable = 0
+        self._thread = threading.Thread(target=self._run, name="pgherald-store", daemon=True)
+        self._thread.start()
+
+    def submit(
+        self, events: list[ChangeEvent], position: int, extra: dict[str, str] | None
+    ) -> None:
+        """Queues writing ``events`` and then, unless ``position`` is 0, committing up to it."""
+        with self._cond:
+            while self.busy >= self._depth and self._failure is None:
+                self._cond.wait()
+            self.check()
+            self._jobs.append((events, position, extra))
+            self.busy += 1
+            self._cond.notify_all()
+
+    def check(self) -> None:
+        """Raises what made the writer fail, if anything did."""
+        if self._failure is not None:
+            raise self._failure
+
+    def drain(self) -> None:
+        """Waits until everything submitted is stored (committed, if it was to be)."""
+        with self._cond:
+            while self.busy:
+                self._cond.wait()
+        self.check()
+
+    def close(self) -> None:
+        """Lets the submitted jobs finish and stops the thread; raises nothing."""
+        with self._cond:
+            while self.busy:
+                self._cond.wait()
+            self._closing = True
+            self._cond.notify_all()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._jobs and not self._closing:
+                    self._cond.wait()
+                if not self._jobs:
+                    return
+                events, position, extra = self._jobs[0]
+            try:
+                if self._failure is None:
+                    if events:
+                        self._sink.write(events)
+                    if position:
+                        self._sink.commit(format_lsn(position), extra)
+                        self.durable = position
+            except BaseException as e:  # handed to the reader
+                self._failure = e
+            with self._cond:
+                self._jobs.popleft()
+                self.busy -= 1
+                self._cond.notify_all()
 
 
 def _replication_error(e: Exception) -> str:
