@@ -177,10 +177,12 @@ cols AS (
     SELECT st.ord, c.i, c.name, p.val AS prev_val,
            coalesce(p.known, false) AS known,
            c.name = ANY (coalesce(st.unchanged, '{}')) AS was_unchanged,
+           c.name = ANY (coalesce(w.ignore_columns, '{}')) AS ignored,
            CASE WHEN c.name = ANY (coalesce(st.unchanged, '{}')) AND coalesce(p.known, false)
                 THEN p.val ELSE c.val END AS new_val
     FROM pg_temp.pgherald_stage st
     JOIN shapes s ON s.digest = st.shape_digest
+    LEFT JOIN watches w ON w.name = st.watch  -- its --ignore-columns are no change
     CROSS JOIN LATERAL unnest(s.names, st.new_values) WITH ORDINALITY AS c(name, val, i)
     LEFT JOIN prev p ON p.ord = st.ord AND p.name = c.name COLLATE "C"
     WHERE st.fill
@@ -193,7 +195,8 @@ filled AS (
                FILTER (WHERE c.was_unchanged AND NOT c.known) AS unchanged,
            array_agg(c.name ORDER BY c.i) FILTER (WHERE NOT c.known) AS prev_unknown,
            array_agg(c.name ORDER BY c.i)
-               FILTER (WHERE c.known AND c.new_val IS DISTINCT FROM c.prev_val) AS changed,
+               FILTER (WHERE c.known AND NOT c.ignored
+                       AND c.new_val IS DISTINCT FROM c.prev_val) AS changed,
            bool_or(c.was_unchanged AND c.known) AS filled_new
     FROM cols c
     GROUP BY c.ord
@@ -219,7 +222,9 @@ WHERE st.ord = f.ord
 -- name: insert_events
 -- One INSERT ... SELECT for the whole batch, in batch order (so ids follow it); a replayed
 -- event_id is skipped, and since field rows are made from what was inserted, so are its
--- fields. Returns how many events were new.
+-- fields. An update whose old row was completed from the log, wholly known, and that
+-- changed no watched column (only ignored ones, or none) is no change to report, as when
+-- the replica identity sends the old row. Returns how many events were new.
 WITH inserted AS (
     INSERT INTO events (
         event_id, watch, op, schema_name, table_name, row_key, key_columns, shape_id,
@@ -233,6 +238,9 @@ WITH inserted AS (
     FROM pg_temp.pgherald_stage st
     LEFT JOIN shapes s ON s.digest = st.shape_digest
     LEFT JOIN shapes os ON os.digest = st.old_shape_digest
+    WHERE NOT (st.op = 'update' AND st.fill AND st.old_values IS NOT NULL
+               AND coalesce(cardinality(st.changed), 0) = 0
+               AND coalesce(cardinality(st.old_unchanged), 0) = 0)
     ORDER BY st.ord
     ON CONFLICT (event_id) DO NOTHING
     RETURNING id, op, shape_id, old_shape_id, old_values, new_values, changed
