@@ -370,18 +370,11 @@ def test_columns_are_honoured(db: Database) -> None:
     assert wide[1].changed == ("a",)
 
 
-IGNORED_ONLY_BUG = (
-    "production bug: with REPLICA IDENTITY DEFAULT the change log computes `changed` from its"
-    " previous version of the row without the watch's --columns/--ignore-columns, so an update"
-    " of unwatched or ignored columns only is stored (FULL identity drops it in the assembler)"
-)
-
-
 @pytest.mark.parametrize(
     "identity",
     [
         "full",
-        pytest.param("default", marks=pytest.mark.xfail(strict=True, reason=IGNORED_ONLY_BUG)),
+        "default",
     ],
 )
 def test_updates_of_ignored_or_unwatched_columns_only_are_not_reported(
