@@ -26,16 +26,15 @@ import click
 import psycopg
 import psycopg2
 
-from pgherald import __version__, admin
+from pgherald import __version__, admin, present
 from pgherald.config import LOG_LEVELS, TABLE_METHODS, Settings, load_settings
 from pgherald.db.connect import connection_failed
 from pgherald.errors import PgHeraldError
-from pgherald.events import UNCHANGED_TOAST, ChangeEvent, RowImage
+from pgherald.events import ChangeEvent
 from pgherald.store.migrations import LATEST_VERSION
 
 F = TypeVar("F", bound=Callable[..., Any])
 _OPTIONS_KEY: Final = "pgherald.options"
-_VALUE_WIDTH: Final = 60
 
 
 # -- settings from options ------------------------------------------------------------------
@@ -341,10 +340,10 @@ def watch_list(ctx: click.Context, fmt: str) -> None:
     for w in found:
         rows.append(
             (
-                _clean(w.name, 40),
-                _clean(admin.show_name(w.schema_name or "", w.table_name or ""), 60),
+                present.clean(w.name, 40),
+                present.clean(admin.show_name(w.schema_name or "", w.table_name or ""), 60),
                 w.method,
-                _clean(",".join(w.key_columns or ()), 30),
+                present.clean(",".join(w.key_columns or ()), 30),
                 w.status + ("" if w.enabled else " (disabled)"),
                 str(w.changes_seen),
                 _when(w.last_success_at),
@@ -355,7 +354,7 @@ def watch_list(ctx: click.Context, fmt: str) -> None:
         click.echo("  ".join(cell.ljust(width) for cell, width in zip(r, widths, strict=True)))
     for w in found:
         if w.last_error:
-            click.echo(f"{w.name}: last error: {_clean(w.last_error, 200)}")
+            click.echo(f"{w.name}: last error: {present.clean(w.last_error, 200)}")
 
 
 @watch.command("remove")
@@ -414,55 +413,9 @@ def _setup_logging(level: str) -> None:
 # -- reading the change log --------------------------------------------------------------------
 
 
-def _clean(text: str, width: int = _VALUE_WIDTH) -> str:
-    """A value fit for one line: control characters escaped, long values cut with "…"."""
-    shown = "".join(
-        ch if ch.isprintable() else ch.encode("unicode_escape").decode("ascii") for ch in text
-    )
-    return shown if len(shown) <= width else shown[: width - 1] + "…"
-
-
-def _value(image: RowImage | None, column: str) -> str:
-    if image is None or column not in image.shape:
-        return "?"
-    text = image.text(column)
-    if text is None:
-        return "NULL"
-    if text is UNCHANGED_TOAST:
-        return "(unchanged)"
-    return _clean(str(text))
-
-
 def describe(event: ChangeEvent) -> str:
-    """One readable line: time, watch, operation, key, and for updates ``col: old → new``."""
-    when = event.commit_time or event.captured_at
-    stamp = when.isoformat(sep=" ", timespec="seconds")
-    key = ", ".join(
-        f"{_clean(k, 40)}={'NULL' if v is None else _clean(str(v))}" for k, v in event.key.items()
-    )
-    parts = [stamp, _clean(event.watch, 40), event.op]
-    if key:
-        parts.append(key)
-    if event.op == "update":
-        if event.changed:
-            parts.append(
-                ", ".join(
-                    f"{_clean(c, 40)}: {_value(event.old, c)} → {_value(event.new, c)}"
-                    for c in event.changed
-                )
-            )
-        else:
-            parts.append("(no column changed)" if event.old is not None else "(old values unknown)")
-    elif event.op == "truncate":
-        parts.append(admin.show_name(event.schema, event.table))
-    elif event.op == "schema":
-        summary = {
-            k: event.meta[k]
-            for k in ("added", "dropped", "renamed", "retyped")
-            if event.meta.get(k)
-        }
-        parts.append(_clean(json.dumps(summary, ensure_ascii=False, default=str), 200))
-    return "  ".join(parts)
+    """One readable line per change (see ``pgherald.present``)."""
+    return present.describe(event)
 
 
 def _emit(lines: Iterable[str]) -> None:

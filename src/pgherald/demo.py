@@ -27,7 +27,7 @@ from typing import Any, TextIO
 
 import psycopg
 
-from pgherald import admin, app
+from pgherald import admin, app, present
 from pgherald.config import Settings
 from pgherald.db.embedded import EmbeddedCluster, find_binaries
 from pgherald.events import ChangeEvent
@@ -265,34 +265,11 @@ class _Undo(Exception):
     pass
 
 
-def describe(event: ChangeEvent, width: int = 100) -> str:
-    """One line a person reads at a glance: time, table, operation, key, what changed."""
-    when = (event.commit_time or event.captured_at).astimezone().strftime("%H:%M:%S")
-    key = ", ".join(f"{k}={v}" for k, v in event.key.items())
-    head = f"{when}  {event.table:<9}  {event.op:<8}  {key}"
-    if event.op == "update":
-        if event.changed:
-            parts = [f"{c}: {_show(event.old, c)} → {_show(event.new, c)}" for c in event.changed]
-            detail = ", ".join(parts)
-        else:
-            detail = "(old values unknown)"
-    elif event.op in ("insert", "read") and event.new is not None:
-        detail = ", ".join(f"{c}={_show(event.new, c)}" for c in event.new if c not in event.key)
-    elif event.op == "schema":
-        detail = json.dumps(
-            {k: event.meta.get(k) for k in ("added", "dropped", "renamed", "retyped")}
-        )
-    else:
-        detail = ""
-    line = f"{head}  {detail}".rstrip()
-    return line if len(line) <= width else line[: width - 1] + "…"
-
-
-def _show(image: Any, column: str) -> str:
-    if image is None or column not in image.shape:
-        return "?"
-    text = image.text(column)
-    return "(empty)" if text is None else str(text)
+def describe(event: ChangeEvent) -> str:
+    """The demo's line: local time, aligned columns, inserted rows' fields, NULL as (empty)."""
+    return present.describe(
+        event, stamp="time", aligned=True, null="(empty)", show_inserts=True, width=100
+    )
 
 
 def main(
