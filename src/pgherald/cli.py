@@ -495,14 +495,26 @@ def doctor(ctx: click.Context, fmt: str) -> None:
     type=click.Path(dir_okay=False, writable=True, path_type=Path),
     help="Write every committed change of the workload to this file (JSON lines).",
 )
+@click.option(
+    "--port",
+    type=click.IntRange(0, 65535),
+    default=8765,
+    show_default=True,
+    help="Serve the changes over HTTP on this loopback port (0: any free port).",
+)
 @click.pass_context
 def demo(
-    ctx: click.Context, duration: float | None, rate: float, seed: int | None, journal: Path | None
+    ctx: click.Context,
+    duration: float | None,
+    rate: float,
+    seed: int | None,
+    journal: Path | None,
+    port: int,
 ) -> None:
-    """Start a throwaway PostgreSQL, run a demo workload, and show its changes live."""
+    """Start a throwaway PostgreSQL, run a demo workload, and show and serve its changes live."""
     from pgherald import demo as demo_module
 
-    ctx.exit(demo_module.main(duration=duration, rate=rate, seed=seed, journal=journal))
+    ctx.exit(demo_module.main(duration=duration, rate=rate, seed=seed, journal=journal, port=port))
 
 
 if __name__ == "__main__":  # pragma: no cover

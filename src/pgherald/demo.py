@@ -32,6 +32,7 @@ from pgherald.config import Settings
 from pgherald.db.embedded import EmbeddedCluster, find_binaries
 from pgherald.events import ChangeEvent
 from pgherald.store.changelog import ChangeLog
+from pgherald.web.changes_server import ChangesServer
 
 SCHEMA_SQL = """
 CREATE TABLE employees (
@@ -278,6 +279,7 @@ def main(
     seed: int | None = None,
     journal: Path | None = None,
     out: TextIO = sys.stdout,
+    port: int = 8765,
 ) -> int:
     """Runs the demo; returns the process exit code."""
     stop = threading.Event()
@@ -310,6 +312,11 @@ def main(
         )
         capture = app.Capture(settings).start()
         capture.wait_ready()
+        try:
+            server = ChangesServer(settings.dsn, settings.schema, port=port).start()
+        except OSError:  # the port is taken: any free one will do
+            server = ChangesServer(settings.dsn, settings.schema, port=0).start()
+        print(f"pgherald demo: serving the changes at {server.url}", file=out, flush=True)
         rng = random.Random(seed)
         work_conn = psycopg.connect(settings.dsn, autocommit=True)
         workload = Workload(work_conn, rng, journal_file)
@@ -343,6 +350,7 @@ def main(
                 print(describe(stored.event), file=out, flush=True)
                 shown += 1
             time.sleep(0.1)
+        server.stop()
         work_conn.close()
         reader_conn.close()
         capture.close()

@@ -14,11 +14,14 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from collections import Counter, defaultdict
 from pathlib import Path
+from typing import Any
 
 import psutil
 
+SERVING = re.compile(r"serving the changes at (http://\S+)")
 LINE = re.compile(r"^\d\d:\d\d:\d\d  (\w+)\s+(\w+)\s+id=(\d+)")
 PGHERALD = [sys.executable, "-m", "pgherald"]
 
@@ -56,10 +59,21 @@ def test_demo_prints_exactly_what_its_workload_committed(tmp_path: Path) -> None
     assert proc.stdout is not None
     first_change_after: float | None = None
     lines: list[str] = []
+    served: list[dict[str, Any]] = []
+    page = ""
+    url = None
     for line in proc.stdout:
         lines.append(line.rstrip("\n"))
+        if (m := SERVING.search(line)) is not None:
+            url = m.group(1)
         if first_change_after is None and LINE.match(line):
             first_change_after = time.monotonic() - started
+        if url and not served and len([x for x in lines if LINE.match(x)]) >= 10:
+            # While it runs, the demo also serves what it captured.
+            with urllib.request.urlopen(url + "changes.json", timeout=10) as resp:
+                served = json.load(resp)
+            with urllib.request.urlopen(url, timeout=10) as resp:
+                page = resp.read().decode()
     proc.wait(timeout=120)
     stderr = proc.stderr.read() if proc.stderr else ""
     assert proc.returncode == 0, stderr
@@ -87,6 +101,10 @@ def test_demo_prints_exactly_what_its_workload_committed(tmp_path: Path) -> None
     assert not any("ROLLED-BACK" in line for line in lines)
     # Updates show field-level detail, from the replica identity or from the change log.
     assert any(" → " in line for line in lines if " update " in line)
+    assert len(served) >= 10
+    served_ops = {(e["table"], e["op"], e["key"]["id"]) for e in served}
+    assert served_ops <= set(truth) | {(t, o, int(k)) for t, o, k in truth}
+    assert "Recent changes" in page and "employees" in page
     summary = lines[-1]
     assert f"{len(truth)} changes committed" in summary and f"{len(truth)} captured" in summary
 
