@@ -777,3 +777,54 @@ __all__ = [
     "table_info",
     "uninstall",
 ]
+
+
+# -- capture status ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CaptureStatus:
+    """What an operator asks first: is the slot there, how much WAL does it hold, how far behind."""
+
+    slot: logical_admin.SlotInfo | None
+    checkpoint: str | None
+    events: int
+    watches: tuple[Watch, ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        slot = self.slot
+        return {
+            "slot": None
+            if slot is None
+            else {
+                "name": slot.name,
+                "active": slot.active,
+                "wal_status": slot.wal_status,
+                "confirmed_flush_lsn": slot.confirmed_flush_lsn,
+                "restart_lsn": slot.restart_lsn,
+                "retained_wal_bytes": slot.retained_bytes,
+                "lag_bytes": slot.lag_bytes,
+            },
+            "checkpoint": self.checkpoint,
+            "events": self.events,
+            "watches": [
+                {
+                    "name": w.name,
+                    "method": w.method,
+                    "changes_seen": w.changes_seen,
+                    "last_run_at": w.last_run_at.isoformat() if w.last_run_at else None,
+                    "last_error": w.last_error,
+                }
+                for w in self.watches
+            ],
+        }
+
+
+def status(settings: Settings) -> CaptureStatus:
+    with connect(settings, autocommit=True) as conn:
+        migrations.require_current(conn, settings.schema)
+        slot = logical_admin.slot_info(conn, settings.slot)
+        checkpoint = checkpoints.load_checkpoint(conn, settings.schema, f"logical:{settings.slot}")
+        events = ChangeLog(conn, settings.schema).last_id()
+        found = tuple(registry.list_watches(conn, settings.schema))
+    return CaptureStatus(slot, checkpoint, events, found)

@@ -458,6 +458,51 @@ def changes(
         _emit(describe(s.event) for s in stored)
 
 
+def _size(n: int | None) -> str:
+    """Bytes for people: 512 bytes, 3.2 MB."""
+    if n is None:
+        return "unknown"
+    if abs(n) < 1024:
+        return f"{n} bytes"
+    value = float(n)
+    for unit in ("kB", "MB", "GB", "TB"):
+        value /= 1024
+        if abs(value) < 1024 or unit == "TB":
+            break
+    return f"{value:.1f} {unit}"
+
+
+@main.command()
+@click.option(
+    "--format", "fmt", type=click.Choice(["text", "json"]), default="text", show_default=True
+)
+@connection_options
+@click.pass_context
+def status(ctx: click.Context, fmt: str) -> None:
+    """Show the replication slot (retained WAL, lag, activity), the checkpoint and the watches."""
+    settings = settings_of(ctx)
+    report = admin.status(settings)
+    if fmt == "json":
+        click.echo(json.dumps(report.to_dict(), ensure_ascii=False, indent=2))
+        return
+    slot = report.slot
+    if slot is None:
+        click.echo(
+            f"slot {present.clean(settings.slot)}: none (created by the first logical watch)"
+        )
+    else:
+        state = "active" if slot.active else "inactive (is `pgherald run` running?)"
+        click.echo(
+            f"slot {present.clean(slot.name)}: {state}, wal_status {slot.wal_status},"
+            f" retains {_size(slot.retained_bytes)} of WAL, {_size(slot.lag_bytes)} behind"
+            f" the server, confirmed up to {slot.confirmed_flush_lsn}"
+        )
+    click.echo(f"change log: {report.events} events, checkpoint {report.checkpoint or 'none yet'}")
+    for w in report.watches:
+        seen = f"{w.changes_seen} changes" if w.changes_seen is not None else "no changes yet"
+        click.echo(f"watch {present.clean(w.name, 40)} ({w.method}): {seen}")
+
+
 # -- doctor and demo ------------------------------------------------------------------------------
 
 
