@@ -22,6 +22,8 @@ from pgherald.events import ChangeEvent
 from pgherald.sources.logical import LogicalSettings, LogicalSource, LogicalWatch
 from pgherald.store import checkpoints, migrations, watches
 from pgherald.store.changelog import ChangeLog
+from pgherald.store.queries import query
+from pgherald.store.session import RESTORE, enter_sql
 
 log = logging.getLogger("pgherald")
 
@@ -57,12 +59,23 @@ class ChangeLogSink:
         self._per_watch.update(e.watch for e in events)
 
     def commit(self, position: str, extra: Mapping[str, str] | None = None) -> None:
+        """Notes the watches' activity, saves the checkpoints and commits, in three round trips.
+
+        This runs for every batch, so the statements (what ``watches.record_watch_activity``
+        and ``checkpoints.save_checkpoint`` run, one by one with a search path each) go
+        as one pipeline: enter the schema, the pipeline, COMMIT.
+        """
         conn = self._connection()
-        for name, count in self._per_watch.items():
-            watches.record_watch_activity(conn, self.schema, name, count, True, None)
-        checkpoints.save_checkpoint(conn, self.schema, self.source, position)
-        for name, value in (extra or {}).items():
-            checkpoints.save_checkpoint(conn, self.schema, name, value)
+        conn.execute(enter_sql(self.schema))
+        with conn.pipeline():
+            for name, count in self._per_watch.items():
+                conn.execute(
+                    query("record_watch_activity"),
+                    {"name": name, "changes": count, "ok": True, "error": None},
+                )
+            for source, value in ((self.source, position), *(extra or {}).items()):
+                conn.execute(query("save_checkpoint"), {"source": source, "position": value})
+            conn.execute(RESTORE)
         conn.commit()
         self.stored_events += sum(self._per_watch.values())
         self._per_watch.clear()
