@@ -120,6 +120,10 @@ class _RelationState:
     key_index: tuple[int, ...]  # indexes into the projected row
     key_shape: RowShape
     compare_index: tuple[int, ...]  # projected columns whose change counts
+    key_items: tuple[tuple[str, int], ...] = ()  # (name, index) of the key columns
+
+    def __post_init__(self) -> None:
+        self.key_items = tuple((self.shape.names[i], i) for i in self.key_index)
 
 
 def _project(values: tuple[Any, ...], projection: tuple[int, ...] | None) -> tuple[Any, ...]:
@@ -258,16 +262,41 @@ class TransactionAssembler:
         return self._event(watch, "read", key, None, image, meta={"snapshot": True})
 
     def _key(self, state: _RelationState, values: tuple[Any, ...]) -> dict[str, Any]:
-        names = state.shape.names
-        return {names[i]: values[i] for i in state.key_index}
+        items = state.key_items
+        if len(items) == 1:  # the usual one-column key, without a comprehension's frame
+            name, i = items[0]
+            return {name: values[i]}
+        return {name: values[i] for name, i in items}
 
     def insert(self, msg: Insert) -> ChangeEvent | None:
+        """The hot path of capture: one event per inserted row, built without detours
+        (positional arguments, no helper call), which is measurably cheaper per row."""
         state = self.relations.get(msg.relation_oid)
         if state is None:
             return None
-        values = _project(msg.new, state.projection)
-        return self._event(
-            state.watch, "insert", self._key(state, values), None, RowImage(state.shape, values)
+        values: tuple[Any, ...] = (
+            msg.new if state.projection is None else _project(msg.new, state.projection)
+        )
+        watch = state.watch
+        self.seq += 1
+        return ChangeEvent(
+            f"{self._id_prefix}{self.seq}",
+            watch.name,
+            "insert",
+            watch.schema,
+            watch.table,
+            self._key(state, values),
+            None,
+            RowImage(state.shape, values),
+            (),
+            self.xid,
+            self._position,
+            self.commit_time,
+            self.captured_at,
+            "logical",
+            self.seq,
+            "none",
+            {},
         )
 
     def update(self, msg: Update) -> ChangeEvent | None:
