@@ -150,53 +150,38 @@ class _DirectLines:
     """Writes events as COPY text lines of ``events`` (``copy_events``), for the direct path.
 
     The parts that repeat are formatted once: events of one watch share watch, table and
-    key column names, and events of one transaction share xid, position and times (the
-    logical source hands over the very same objects, so an identity test finds them).
+    key column names; events of one transaction share xid, position and commit time; the
+    capture time is shared even more widely. The logical source hands over the very same
+    objects, so an identity test finds them; anything else is only slower, never wrong.
     """
 
-    __slots__ = ("_ca", "_ct", "_heads", "_method", "_pos", "_shape_ids", "_txn", "_xid")
+    __slots__ = ("_ca", "_ca_text", "_commit", "_ct", "_heads", "_pos", "_shape_ids", "_xid")
 
     def __init__(self, shape_ids: dict[int, str]) -> None:
         self._shape_ids = shape_ids  # id(RowShape) -> shape id as text
-        self._heads: dict[tuple[Any, ...], tuple[str, str]] = {}
+        self._heads: dict[tuple[str, str, str, str, tuple[str, ...]], tuple[str, str]] = {}
         self._xid: int | None = None
         self._pos: str | None = None
         self._ct: datetime | None = None
+        self._commit = ""
         self._ca: datetime | None = None
-        self._method: str | None = None
-        self._txn = ""
+        self._ca_text = ""
 
     def line(self, e: ChangeEvent) -> str:
         key = e.key
-        head_key = (e.watch, e.op, e.schema, e.table, *key)
+        head_key = (e.watch, e.op, e.schema, e.table, tuple(key))
         found = self._heads.get(head_key)
         if found is None:
             head = "\t".join((ct.text(e.watch), ct.text(e.op), ct.text(e.schema), ct.text(e.table)))
             found = self._heads[head_key] = (head, ct.text_array(list(key)))
-        head, key_columns = found
-        if not (
-            e.commit_time is self._ct
-            and e.captured_at is self._ca
-            and e.position == self._pos
-            and e.xid == self._xid
-            and e.method == self._method
-        ):
-            self._ct, self._ca, self._pos, self._xid, self._method = (
-                e.commit_time,
-                e.captured_at,
-                e.position,
-                e.xid,
-                e.method,
+        if not (e.commit_time is self._ct and e.position == self._pos and e.xid == self._xid):
+            self._ct, self._pos, self._xid = e.commit_time, e.position, e.xid
+            self._commit = (
+                f"{ct.integer(e.xid)}\t{ct.text(e.position)}\t{ct.timestamptz(e.commit_time)}"
             )
-            self._txn = "\t".join(
-                (
-                    ct.integer(e.xid),
-                    ct.text(e.position),
-                    ct.timestamptz(e.commit_time),
-                    ct.timestamptz(e.captured_at),
-                    ct.text(e.method),
-                )
-            )
+        if e.captured_at is not self._ca:
+            self._ca = e.captured_at
+            self._ca_text = ct.timestamptz(e.captured_at)
         shape_id = old_shape_id = new_values = unchanged = old_values = old_unchanged = ct.NULL
         new, old = e.new, e.old
         if new is not None:
@@ -209,12 +194,22 @@ class _DirectLines:
             elif old_id != shape_id:
                 old_shape_id = old_id
             old_values, old_unchanged = _array_fields(old)
-        changed = ct.text_array(list(dict.fromkeys(e.changed))) if e.changed else "{}"
-        meta = ct.text(_json_dumps(dict(e.meta))) if e.meta else "{}"
+        if len(key) == 1:
+            (value,) = key.values()
+            # A JSON string without escapes holds no character that COPY escapes either.
+            if type(value) is str and not _JSON_SPECIAL.search(value):
+                row_key = f'["{value}"]'
+            else:
+                row_key = ct.text(row_key_of(key))
+        else:
+            row_key = ct.text(row_key_of(key))
         return (
-            f"{ct.text(e.event_id)}\t{head}\t{ct.text(row_key_of(key))}\t{key_columns}\t"
+            f"{ct.text(e.event_id)}\t{found[0]}\t{row_key}\t{found[1]}\t"
             f"{shape_id}\t{old_shape_id}\t{old_values}\t{new_values}\t{unchanged}\t"
-            f"{old_unchanged}\t{changed}\t{self._txn}\t{e.seq:d}\t{ct.text(e.old_values)}\t{meta}"
+            f"{old_unchanged}\t"
+            f"{ct.text_array(list(dict.fromkeys(e.changed))) if e.changed else '{}'}\t"
+            f"{self._commit}\t{self._ca_text}\t{ct.text(e.method)}\t{e.seq:d}\t"
+            f"{ct.text(e.old_values)}\t{ct.text(_json_dumps(dict(e.meta))) if e.meta else '{}'}"
         )
 
 
