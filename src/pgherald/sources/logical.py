@@ -18,7 +18,9 @@ The flow of one session:
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import select
 import threading
 import time
@@ -674,7 +676,7 @@ class LogicalSource:
         while not stop.is_set():
             msg = cur.read_message()
             if msg is None:
-                if pending_end and not in_txn:
+                if pending_end and not in_txn and not writer.busy:
                     flush()
                 else:
                     writer.check()
@@ -684,7 +686,10 @@ class LogicalSource:
                     if snaps and not snaps[0].awaiting:
                         snaps[0].read_chunk(catalog, s.snapshot_chunk_size, asm.type_names)
                         continue
-                select.select([fd], [], [], 0.01 if writer.busy else 0.2)
+                # Until the server sends more, or the writer finishes a job (then what is
+                # pending goes to the store at once).
+                select.select([fd, writer.wakeup], [], [], 0.2)
+                writer.woken()
                 continue
             m = decode(msg.payload)
             kind = type(m)
@@ -799,8 +804,18 @@ class _StoreWriter:
         self.busy = 0
         """Jobs queued or running."""
         self.durable = 0
+        self.wakeup, self._wake = os.pipe()
+        """Readable after a job finished, so the reader can wait on it with its socket."""
+        os.set_blocking(self.wakeup, False)
+        os.set_blocking(self._wake, False)
         self._thread = threading.Thread(target=self._run, name="pgherald-store", daemon=True)
         self._thread.start()
+
+    def woken(self) -> None:
+        """Empties the wake-up pipe."""
+        with contextlib.suppress(BlockingIOError):
+            while os.read(self.wakeup, 512):
+                pass
 
     def submit(
         self, events: list[ChangeEvent], position: int, extra: dict[str, str] | None
@@ -834,6 +849,8 @@ class _StoreWriter:
             self._closing = True
             self._cond.notify_all()
         self._thread.join()
+        os.close(self.wakeup)
+        os.close(self._wake)
 
     def _run(self) -> None:
         while True:
@@ -856,6 +873,8 @@ class _StoreWriter:
                 self._jobs.popleft()
                 self.busy -= 1
                 self._cond.notify_all()
+            with contextlib.suppress(BlockingIOError):  # full: the reader wakes anyway
+                os.write(self._wake, b".")
 
 
 def _replication_error(e: Exception) -> str:
