@@ -260,6 +260,14 @@ fields AS (
 )
 SELECT count(*) FROM inserted
 
+-- name: save_search_path
+-- With set_search_path, what enter_schema does, as two single statements that can go in a
+-- pipeline with what follows (the schema's quoted name is a parameter): one round trip.
+SELECT set_config('pgherald.saved_search_path', current_setting('search_path'), true)
+
+-- name: set_search_path
+SELECT set_config('search_path', %(path)s, true)
+
 -- name: direct_begin
 -- The direct path (see ChangeLog.append): events that are new by construction are COPYed
 -- straight into `events`, inside a savepoint so that a duplicate can fall back.

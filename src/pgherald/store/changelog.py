@@ -22,9 +22,10 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Final, NamedTuple, cast
+from typing import Any, Final, LiteralString, NamedTuple, cast
 
 import psycopg
+from psycopg import sql
 from psycopg.rows import TupleRow, tuple_row
 from psycopg.types.json import Jsonb
 
@@ -222,6 +223,18 @@ def _array_fields(image: RowImage) -> tuple[str, str]:
     return ct.text_array(texts), ct.NULL  # type: ignore[arg-type]  # no UNCHANGED_TOAST
 
 
+def enter_statements(
+    conn: psycopg.Connection[Any], schema: str
+) -> list[tuple[LiteralString, dict[str, Any]]]:
+    """``enter_sql`` as single statements with parameters, to send in a pipeline.
+
+    ``query("restore_search_path")`` puts the caller's path back, as after ``enter_sql``.
+    """
+    check_schema_name(schema)
+    path = sql.Identifier(schema).as_string(conn)
+    return [(query("save_search_path"), {}), (query("set_search_path"), {"path": path})]
+
+
 class ChangeLog:
     """The change log of one store schema, used through one connection.
 
@@ -399,8 +412,9 @@ class ChangeLog:
     def _append_direct(self, batch: list[ChangeEvent]) -> int | None:
         """COPYs a batch without updates straight into ``events``; ``None`` if one was there.
 
-        Four round trips whatever the batch's size: enter the schema and set a savepoint,
-        store the batch's shapes and learn their ids (one pipeline), COPY, release.
+        Three round trips whatever the batch's size: one pipeline (enter the schema, set a
+        savepoint, store the batch's shapes and learn their ids), COPY, release. Round
+        trips count: a busy server answers each after its run queue.
         """
         conn = self.conn
         shapes: dict[int, RowShape] = {}
@@ -411,8 +425,10 @@ class ChangeLog:
                 shapes[id(e.old.shape)] = e.old.shape
         infos = {key: self._shape(shape) for key, shape in shapes.items()}
         by_digest = {info.digest: info.columns for info in infos.values()}
-        conn.execute(enter_sql(self.schema, query("direct_begin")))
         with conn.pipeline():
+            for statement in enter_statements(conn, self.schema):
+                conn.execute(*statement)
+            conn.execute(query("direct_begin"))
             conn.execute(
                 query("upsert_shapes"),
                 {"digests": list(by_digest), "columns": [Jsonb(c) for c in by_digest.values()]},
@@ -551,4 +567,4 @@ class ChangeLog:
         return shape_from_columns(row[0]) if row else None
 
 
-__all__ = ["ChangeLog", "StoredEvent", "row_key_of", "shape_digest"]
+__all__ = ["ChangeLog", "StoredEvent", "enter_statements", "row_key_of", "shape_digest"]
