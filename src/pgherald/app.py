@@ -21,9 +21,9 @@ from pgherald.errors import ConfigError
 from pgherald.events import ChangeEvent
 from pgherald.sources.logical import LogicalSettings, LogicalSource, LogicalWatch
 from pgherald.store import checkpoints, migrations, watches
-from pgherald.store.changelog import ChangeLog
+from pgherald.store.changelog import ChangeLog, enter_statements
 from pgherald.store.queries import query
-from pgherald.store.session import RESTORE, enter_sql
+from pgherald.store.session import RESTORE
 
 log = logging.getLogger("pgherald")
 
@@ -59,15 +59,16 @@ class ChangeLogSink:
         self._per_watch.update(e.watch for e in events)
 
     def commit(self, position: str, extra: Mapping[str, str] | None = None) -> None:
-        """Notes the watches' activity, saves the checkpoints and commits, in three round trips.
+        """Notes the watches' activity, saves the checkpoints and commits, in one round trip.
 
         This runs for every batch, so the statements (what ``watches.record_watch_activity``
-        and ``checkpoints.save_checkpoint`` run, one by one with a search path each) go
-        as one pipeline: enter the schema, the pipeline, COMMIT.
+        and ``checkpoints.save_checkpoint`` run, one by one with a search path each) and
+        the COMMIT go as one pipeline.
         """
         conn = self._connection()
-        conn.execute(enter_sql(self.schema))
         with conn.pipeline():
+            for statement in enter_statements(conn, self.schema):
+                conn.execute(*statement)
             for name, count in self._per_watch.items():
                 conn.execute(
                     query("record_watch_activity"),
@@ -76,7 +77,7 @@ class ChangeLogSink:
             for source, value in ((self.source, position), *(extra or {}).items()):
                 conn.execute(query("save_checkpoint"), {"source": source, "position": value})
             conn.execute(RESTORE)
-        conn.commit()
+            conn.commit()
         self.stored_events += sum(self._per_watch.values())
         self._per_watch.clear()
 
