@@ -53,6 +53,7 @@ class Journal:
     txns: dict[int, list[Change]] = field(default_factory=dict)
     rolled_back: int = 0
     in_doubt_committed: int = 0
+    in_doubt_xids: set[int] = field(default_factory=set)
     in_doubt_aborted: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -143,6 +144,7 @@ class Writer(threading.Thread):
                     committed = status is not None and status[0] == "committed"
                     if committed:
                         self.journal.in_doubt_committed += 1
+                        self.journal.in_doubt_xids.add(xid & 0xFFFFFFFF)
                     else:
                         self.journal.in_doubt_aborted += 1
                 if not committed:
@@ -242,7 +244,10 @@ def assert_log_equals_journal(events: list[ChangeEvent], journal: Journal) -> No
     extra = sorted(set(stored) - set(journal.txns))
     missing = sorted(set(journal.txns) - set(stored))
     assert not extra, f"{len(extra)} transactions in the log that did not commit: {extra[:5]}"
-    assert not missing, f"{len(missing)} committed transactions missing: {missing[:5]}"
+    assert not missing, (
+        f"{len(missing)} committed transactions missing: {missing[:5]}"
+        f" (of which in doubt when the server went away: {sorted(journal.in_doubt_xids)})"
+    )
     for xid, changes in journal.txns.items():
         # Rows of one statement may come in any order; each row's own history may not.
         def per_row(cs: list[Change]) -> dict[tuple[str, str], list[Change]]:
@@ -318,6 +323,7 @@ def test_postgresql_restart_mid_stream_loses_and_duplicates_nothing(
         conn.execute("CREATE DATABASE app")
     dsn = private_cluster.dsn("app")
     settings = install_crash_tables(dsn)
+    has_truth = h.create_truth_slot(dsn, "truth")
     journal = Journal()
     proc = h.CaptureProcess(settings)
     restarts = 0
@@ -342,7 +348,15 @@ def test_postgresql_restart_mid_stream_loses_and_duplicates_nothing(
         h.catch_up(settings, timeout=120, alive=lambda: None if proc.alive() else proc.log())
         assert proc.stop() == 0, proc.log()[-3000:]
         events = h.stored_events(settings)
-        assert_log_equals_journal(events, journal)
+        try:
+            assert_log_equals_journal(events, journal)
+        except AssertionError as e:
+            decoded = {t.xid for t in h.truth(dsn, "truth")} if has_truth else set()
+            raise AssertionError(
+                f"{e}\ntest_decoding has the in-doubt ones:"
+                f" {sorted(x for x in journal.in_doubt_xids if x in decoded)}"
+                f"\npgherald run said:\n{proc.log()[-4000:]}"
+            ) from None
         reconnects = sum(w.reconnects for w in writers)
     finally:
         proc.close()
