@@ -31,6 +31,7 @@ from typing import Any
 
 import psycopg
 from psycopg import sql
+from psycopg.conninfo import conninfo_to_dict
 
 from pgherald import admin, app
 from pgherald.config import Settings
@@ -50,8 +51,17 @@ Conn = psycopg.Connection[Any]
 
 
 def settings_for(dsn: str, **overrides: Any) -> Settings:
-    """Settings for a test database: quick batches, so catching up takes milliseconds."""
-    base: dict[str, Any] = {"dsn": dsn, "batch_interval": 0.02}
+    """Settings for a test database: quick batches, so catching up takes milliseconds.
+
+    Slots belong to the cluster, not the database: each test database gets a slot named
+    after it, so a test that fails while its slot is held cannot break the next one.
+    """
+    dbname = conninfo_to_dict(dsn).get("dbname") or "postgres"
+    base: dict[str, Any] = {
+        "dsn": dsn,
+        "batch_interval": 0.02,
+        "slot": f"pgherald_{dbname}"[:63],
+    }
     base.update(overrides)
     return Settings(**base)
 
