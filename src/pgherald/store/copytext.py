@@ -52,7 +52,7 @@ def text_array(values: Sequence[str | None] | None) -> str:
     if values and None not in values:
         body = '","'.join(values)  # type: ignore[arg-type]  # no None, checked above
         if (
-            '"' not in body
+            body.count('"') == 2 * len(values) - 2  # only the separators' quotes
             and "\\" not in body
             and "\n" not in body
             and "\t" not in body
