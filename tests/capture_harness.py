@@ -112,7 +112,10 @@ def capturing(settings: Settings, resync: bool = False) -> Iterator[app.Capture]
         capture.wait_ready()
         yield capture
     finally:
-        capture.close(timeout=30)
+        try:
+            capture.close(timeout=30)
+        finally:
+            wait_released(settings)
 
 
 def cli_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
@@ -227,7 +230,22 @@ class CaptureProcess:
     def close(self) -> None:
         if self.alive():
             self.kill()
+        wait_released(self.settings)
         self.logfile.unlink(missing_ok=True)
+
+
+def wait_released(settings: Settings, timeout: float = 10.0) -> None:
+    """Waits until no walsender holds the slot: the server notices a client gone a moment
+    after it went, and the next start (or the test's cleanup) needs the slot free."""
+    deadline = time.monotonic() + timeout
+    try:
+        with psycopg.connect(settings.dsn, autocommit=True, connect_timeout=5) as conn:
+            while slot_holder(conn, settings.slot) is not None:
+                if time.monotonic() > deadline:
+                    return
+                time.sleep(0.02)
+    except psycopg.OperationalError:
+        return  # the server is down: nobody holds anything
 
 
 def slot_holder(conn: Conn, slot: str) -> int | None:
