@@ -507,11 +507,13 @@ class LogicalSource:
                 self._session(sink, stop)
                 delay = self.settings.reconnect_min
             except (
-                psycopg2.OperationalError,
+                psycopg2.DatabaseError,  # OperationalError, and the bare kind below
                 psycopg2.InterfaceError,
                 psycopg.OperationalError,
                 ConnectionFailed,
             ) as e:
+                if _not_a_lost_connection(e):
+                    raise
                 if (
                     isinstance(e, ConnectionFailed | psycopg2.OperationalError)
                     and not self._ever_connected
@@ -875,6 +877,21 @@ class _StoreWriter:
                 self._cond.notify_all()
             with contextlib.suppress(BlockingIOError):  # full: the reader wakes anyway
                 os.write(self._wake, b".")
+
+
+def _not_a_lost_connection(e: Exception) -> bool:
+    """A psycopg2 error that is about something else than the connection going away.
+
+    A server that stops in the middle of the stream can surface as a bare
+    ``DatabaseError`` ("error with status PGRES_COPY_BOTH and no message from the libpq",
+    no SQLSTATE): that is a lost connection like any other, to reconnect from. Its
+    subclasses (a statement the server refused, a misuse) are not.
+    """
+    return (
+        isinstance(e, psycopg2.DatabaseError)
+        and not isinstance(e, psycopg2.OperationalError)
+        and (type(e) is not psycopg2.DatabaseError or e.pgcode is not None)
+    )
 
 
 def _replication_error(e: Exception) -> str:
