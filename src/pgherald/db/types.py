@@ -407,6 +407,8 @@ def _fetch_types(conn: psycopg.Connection[Any], oids: Iterable[int] | None) -> l
             else:
                 cur.execute(_TYPES_BY_OID_QUERY, (sorted(oids),))
             rows = cur.fetchall()
+    except psycopg.OperationalError:
+        raise  # the connection went away, not the catalogue: the caller reconnects
     except psycopg.Error as exc:
         raise TypeLoadError(
             f"cannot read pg_type from the watched database: {exc.diag.message_primary or exc}"
