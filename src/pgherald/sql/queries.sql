@@ -284,8 +284,8 @@ COPY events (
 ) FROM STDIN
 
 -- name: direct_end
-RELEASE SAVEPOINT pgherald_append;
-SELECT set_config('search_path', current_setting('pgherald.saved_search_path'), true);
+-- Sent in a pipeline with restore_search_path (and the caller's statements).
+RELEASE SAVEPOINT pgherald_append
 
 -- name: direct_undo
 -- A duplicate event_id: forget the COPY and the search path, the staged path follows.

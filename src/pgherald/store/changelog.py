@@ -19,7 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Final, LiteralString, NamedTuple, cast
@@ -235,6 +235,10 @@ def enter_statements(
     return [(query("save_search_path"), {}), (query("set_search_path"), {"path": path})]
 
 
+Then = Callable[[psycopg.Connection[Any]], None]
+"""Statements a caller sends in the same pipeline as a batch's last ones (``append``)."""
+
+
 class ChangeLog:
     """The change log of one store schema, used through one connection.
 
@@ -338,7 +342,7 @@ class ChangeLog:
         )
         return line, fill
 
-    def append(self, events: Sequence[ChangeEvent]) -> int:
+    def append(self, events: Sequence[ChangeEvent], then: Then | None = None) -> int:
         """Stores a batch in the caller's transaction (never commits); returns how many were new.
 
         Idempotent by ``event_id``: an id already in the log (or earlier in the batch) is
@@ -360,8 +364,16 @@ class ChangeLog:
         duplicate costs time, never correctness. Logical capture only hands over
         transactions newer than its checkpoint, which commits with their events, so for it
         the direct path is the rule and the fallback the exception.
+
+        ``then``, if given, is called inside the pipeline that carries the batch's last
+        statements, after the search path is put back: the caller adds its own
+        statements there (logical capture: its checkpoint and COMMIT) without a round
+        trip of their own. It must not commit on an autocommit connection.
         """
         if not events:
+            if then is not None:
+                with self.conn.pipeline():
+                    then(self.conn)
             return 0
         seen: set[str] = set()
         batch: list[ChangeEvent] = []
@@ -371,12 +383,12 @@ class ChangeLog:
                 batch.append(e)
         with store_errors(self.schema), transaction_for(self.conn):
             if not any(e.op == "update" for e in batch):
-                stored = self._append_direct(batch)
+                stored = self._append_direct(batch, then)
                 if stored is not None:
                     return stored
-            return self._append_staged(batch)
+            return self._append_staged(batch, then)
 
-    def _append_staged(self, batch: list[ChangeEvent]) -> int:
+    def _append_staged(self, batch: list[ChangeEvent], then: Then | None) -> int:
         """The general path: staging table, filling, ``INSERT ... ON CONFLICT DO NOTHING``."""
         conn = self.conn
         batch_shapes: dict[str, Any] = {}
@@ -406,15 +418,18 @@ class ChangeLog:
             counted = conn.cursor(row_factory=tuple_row)
             counted.execute(query("insert_events"))
             conn.execute(query("finish_append"))
+            if then is not None:
+                then(conn)
         result = counted.fetchone()
         return int(result[0]) if result else 0
 
-    def _append_direct(self, batch: list[ChangeEvent]) -> int | None:
+    def _append_direct(self, batch: list[ChangeEvent], then: Then | None) -> int | None:
         """COPYs a batch without updates straight into ``events``; ``None`` if one was there.
 
         Three round trips whatever the batch's size: one pipeline (enter the schema, set a
-        savepoint, store the batch's shapes and learn their ids), COPY, release. Round
-        trips count: a busy server answers each after its run queue.
+        savepoint, store the batch's shapes and learn their ids), COPY, and one pipeline
+        to release the savepoint (with ``then``). Round trips count: a busy server answers
+        each after its run queue.
         """
         conn = self.conn
         shapes: dict[int, RowShape] = {}
@@ -446,7 +461,11 @@ class ChangeLog:
         except psycopg.errors.UniqueViolation:
             conn.execute(query("direct_undo"))
             return None
-        conn.execute(query("direct_end"))
+        with conn.pipeline():
+            conn.execute(query("direct_end"))
+            conn.execute(query("restore_search_path"))
+            if then is not None:
+                then(conn)
         return len(batch)
 
     # -- reading -----------------------------------------------------------------------
@@ -567,4 +586,4 @@ class ChangeLog:
         return shape_from_columns(row[0]) if row else None
 
 
-__all__ = ["ChangeLog", "StoredEvent", "enter_statements", "row_key_of", "shape_digest"]
+__all__ = ["ChangeLog", "StoredEvent", "Then", "enter_statements", "row_key_of", "shape_digest"]
