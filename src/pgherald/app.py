@@ -42,6 +42,7 @@ class ChangeLogSink:
         self._conn: psycopg.Connection[Any] | None = None
         self._log: ChangeLog | None = None
         self._per_watch: Counter[str] = Counter()
+        self._held: list[ChangeEvent] = []
         self.stored_events = 0
         self._connection()  # fail fast on a wrong DSN
 
@@ -53,20 +54,32 @@ class ChangeLogSink:
         return self._conn
 
     def write(self, events: Sequence[ChangeEvent]) -> None:
+        """Adds events to the store transaction.
+
+        The last batch written is held back (one batch at most) and sent by the next
+        ``write`` or by ``commit``, whose statements then ride in its last round trip.
+        """
+        self._check_not_lost()
         self._connection()
         assert self._log is not None
-        self._log.append(events)
+        if self._held:
+            self._log.append(self._held)
+        self._held = list(events)
         self._per_watch.update(e.watch for e in events)
 
     def commit(self, position: str, extra: Mapping[str, str] | None = None) -> None:
-        """Notes the watches' activity, saves the checkpoints and commits, in one round trip.
+        """Stores what is held back, notes the watches' activity, saves the checkpoints and
+        commits; the statements and the COMMIT go in the batch's last pipeline.
 
-        This runs for every batch, so the statements (what ``watches.record_watch_activity``
-        and ``checkpoints.save_checkpoint`` run, one by one with a search path each) and
-        the COMMIT go as one pipeline.
+        This runs for every batch, so it costs no round trip of its own: the statements are
+        what ``watches.record_watch_activity`` and ``checkpoints.save_checkpoint`` run (one
+        by one, with a search path each, when called on their own).
         """
-        conn = self._connection()
-        with conn.pipeline():
+        self._check_not_lost()
+        self._connection()
+        assert self._log is not None
+
+        def finish(conn: psycopg.Connection[Any]) -> None:
             for statement in enter_statements(conn, self.schema):
                 conn.execute(*statement)
             for name, count in self._per_watch.items():
@@ -78,12 +91,25 @@ class ChangeLogSink:
                 conn.execute(query("save_checkpoint"), {"source": source, "position": value})
             conn.execute(RESTORE)
             conn.commit()
+
+        held, self._held = self._held, []
+        self._log.append(held, then=finish)
         self.stored_events += sum(self._per_watch.values())
         self._per_watch.clear()
+
+    def _check_not_lost(self) -> None:
+        """Refuses to go on in a new connection while the lost one held written events: a
+        checkpoint committed without them would skip them for good."""
+        if (self._conn is None or self._conn.closed) and (self._held or self._per_watch):
+            raise psycopg.OperationalError(
+                "the store connection was lost in the middle of a batch; capture resumes"
+                " from the last checkpoint"
+            )
 
     def rollback(self) -> None:
         """Forgets the uncommitted part; never raises, so a source can always call it."""
         self._per_watch.clear()
+        self._held = []
         if self._conn is not None and not self._conn.closed:
             try:
                 self._conn.rollback()
