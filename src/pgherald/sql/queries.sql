@@ -276,24 +276,6 @@ SAVEPOINT pgherald_append
 -- name: shape_ids
 SELECT digest, id FROM shapes WHERE digest = ANY (%(digests)s::text[])
 
--- name: insert_event
--- A small batch without updates (see ChangeLog._append_small): one execution per event, in
--- the same pipeline as everything else of the batch. Values come as texts. An event_id
--- already in the log is skipped, as insert_events does.
-INSERT INTO events (
-    event_id, watch, op, schema_name, table_name, row_key, key_columns, shape_id,
-    old_shape_id, old_values, new_values, unchanged, old_unchanged, changed, xid, position,
-    commit_time, captured_at, method, seq, old_values_source, meta
-)
-VALUES (
-    %s, %s, %s, %s, %s, %s, %s::text[], (SELECT id FROM shapes WHERE digest = %s),
-    (SELECT id FROM shapes WHERE digest = %s), %s::text[], %s::text[], %s::text[],
-    %s::text[], %s::text[], %s::bigint, %s, %s::timestamptz, %s::timestamptz, %s,
-    %s::integer, %s, %s::jsonb
-)
-ON CONFLICT (event_id) DO NOTHING
-RETURNING 1
-
 -- name: copy_events
 COPY events (
     event_id, watch, op, schema_name, table_name, row_key, key_columns, shape_id,

@@ -86,8 +86,6 @@ def shape_from_columns(columns: Sequence[Sequence[Any]]) -> RowShape:
 _COMPACT: Final = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
 _META: Final = json.JSONEncoder(ensure_ascii=False, default=str)
 _COPY_CHUNK: Final = 1000
-_SMALL_BATCH: Final = 64
-"""Up to this many events (and no update), a batch goes as INSERTs in one pipeline."""
 
 
 # What the JSON encoder escapes in a string (with ensure_ascii=False): nothing else.
@@ -214,49 +212,6 @@ class _DirectLines:
             f"{self._commit}\t{self._ca_text}\t{ct.text(e.method)}\t{e.seq:d}\t"
             f"{ct.text(e.old_values)}\t{ct.text(_json_dumps(dict(e.meta))) if e.meta else '{}'}"
         )
-
-
-def _insert_params(e: ChangeEvent, digests: dict[int, str]) -> tuple[Any, ...]:
-    """The parameters of ``insert_event``: the same values as a COPY line, unescaped."""
-    digest = old_digest = new_values = unchanged = old_values = old_unchanged = None
-    if e.new is not None:
-        digest = digests[id(e.new.shape)]
-        values, names = _texts(e.new)
-        new_values = ct.array_literal(values)
-        unchanged = ct.array_literal(names) if names is not None else None
-    if e.old is not None:
-        old = digests[id(e.old.shape)]
-        if digest is None:
-            digest = old
-        elif old != digest:
-            old_digest = old
-        values, names = _texts(e.old)
-        old_values = ct.array_literal(values)
-        old_unchanged = ct.array_literal(names) if names is not None else None
-    return (
-        e.event_id,
-        e.watch,
-        e.op,
-        e.schema,
-        e.table,
-        row_key_of(e.key),
-        ct.array_literal(list(e.key)),
-        digest,
-        old_digest,
-        old_values,
-        new_values,
-        unchanged,
-        old_unchanged,
-        ct.array_literal(list(dict.fromkeys(e.changed))),
-        e.xid,
-        e.position,
-        e.commit_time,
-        e.captured_at,
-        e.method,
-        e.seq,
-        e.old_values,
-        _json_dumps(dict(e.meta)) if e.meta else "{}",
-    )
 
 
 def _array_fields(image: RowImage) -> tuple[str, str]:
@@ -428,8 +383,6 @@ class ChangeLog:
                 batch.append(e)
         with store_errors(self.schema), transaction_for(self.conn):
             if not any(e.op == "update" for e in batch):
-                if len(batch) <= _SMALL_BATCH:
-                    return self._append_small(batch, then)
                 stored = self._append_direct(batch, then)
                 if stored is not None:
                     return stored
@@ -469,42 +422,6 @@ class ChangeLog:
                 then(conn)
         result = counted.fetchone()
         return int(result[0]) if result else 0
-
-    def _append_small(self, batch: list[ChangeEvent], then: Then | None) -> int:
-        """A few events without updates: everything, ``then`` included, in one pipeline.
-
-        Under a steady trickle batches are small and their latency is their round trips,
-        so the events go as one ``INSERT ... ON CONFLICT (event_id) DO NOTHING`` each
-        (texts cast by the server, shape ids found by digest in the statement) instead
-        of a COPY with a savepoint: idempotent by itself, and one round trip in all.
-        """
-        conn = self.conn
-        digests: dict[int, str] = {}
-        by_digest: dict[str, list[list[Any]]] = {}
-        for e in batch:
-            for image in (e.new, e.old):
-                if image is not None and id(image.shape) not in digests:
-                    info = self._shape(image.shape)
-                    digests[id(image.shape)] = info.digest
-                    by_digest[info.digest] = info.columns
-        params = [_insert_params(e, digests) for e in batch]
-        with conn.cursor() as cur:
-            with conn.pipeline():
-                for statement in enter_statements(conn, self.schema):
-                    conn.execute(*statement)
-                conn.execute(
-                    query("upsert_shapes"),
-                    {"digests": list(by_digest), "columns": [Jsonb(c) for c in by_digest.values()]},
-                )
-                cur.executemany(query("insert_event"), params, returning=True)
-                conn.execute(query("restore_search_path"))
-                if then is not None:
-                    then(conn)
-            inserted = 0
-            while True:  # one result per event: its row if it was new
-                inserted += cur.rowcount
-                if not cur.nextset():
-                    return inserted
 
     def _append_direct(self, batch: list[ChangeEvent], then: Then | None) -> int | None:
         """COPYs a batch without updates straight into ``events``; ``None`` if one was there.

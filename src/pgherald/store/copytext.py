@@ -40,11 +40,6 @@ def _element(value: str | None) -> str:
     return f'"{value}"'
 
 
-def array_literal(values: Sequence[str | None]) -> str:
-    """A one-dimensional ``text[]`` literal (as a query parameter, not COPY-escaped)."""
-    return "{" + ",".join([_element(v) for v in values]) + "}"
-
-
 def text_array(values: Sequence[str | None] | None) -> str:
     """A one-dimensional ``text[]`` field; every element quoted, so any text is safe.
 
@@ -64,7 +59,7 @@ def text_array(values: Sequence[str | None] | None) -> str:
             and "\r" not in body
         ):
             return '{"' + body + '"}'
-    return _escape(array_literal(values))
+    return _escape("{" + ",".join([_element(v) for v in values]) + "}")
 
 
 def integer(value: int | None) -> str:
