@@ -19,7 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Final, LiteralString, NamedTuple, cast
@@ -235,8 +235,25 @@ def enter_statements(
     return [(query("save_search_path"), {}), (query("set_search_path"), {"path": path})]
 
 
-Then = Callable[[psycopg.Connection[Any]], None]
-"""Statements a caller sends in the same pipeline as a batch's last ones (``append``)."""
+Statement = tuple[LiteralString, Mapping[str, Any]]
+"""A store query and its parameters, for ``ChangeLog.append(then=...)``."""
+
+
+def _finish(
+    conn: psycopg.Connection[Any],
+    then: Sequence[Statement],
+    commit: bool,
+    restore: LiteralString = query("restore_search_path"),
+) -> None:
+    """The end of an append's last pipeline: the caller's statements (with the store's
+    search path), then the path put back, or the transaction committed, which puts back
+    everything set locally anyway."""
+    for statement in then:
+        conn.execute(*statement)
+    if commit:
+        conn.commit()
+    else:
+        conn.execute(restore)
 
 
 class ChangeLog:
@@ -342,7 +359,9 @@ class ChangeLog:
         )
         return line, fill
 
-    def append(self, events: Sequence[ChangeEvent], then: Then | None = None) -> int:
+    def append(
+        self, events: Sequence[ChangeEvent], then: Sequence[Statement] = (), commit: bool = False
+    ) -> int:
         """Stores a batch in the caller's transaction (never commits); returns how many were new.
 
         Idempotent by ``event_id``: an id already in the log (or earlier in the batch) is
@@ -365,15 +384,18 @@ class ChangeLog:
         transactions newer than its checkpoint, which commits with their events, so for it
         the direct path is the rule and the fallback the exception.
 
-        ``then``, if given, is called inside the pipeline that carries the batch's last
-        statements, after the search path is put back: the caller adds its own
-        statements there (logical capture: its checkpoint and COMMIT) without a round
-        trip of their own. It must not commit on an autocommit connection.
+        ``then`` are store queries of the caller's (``(query, params)``, run with the
+        store's search path) to send in the pipeline that carries the batch's last
+        statements, and ``commit`` ends the caller's transaction there too: logical
+        capture stores a batch, its checkpoint and its COMMIT without a round trip of
+        their own. ``commit`` needs a connection that is not in autocommit mode.
         """
         if not events:
-            if then is not None:
+            if then or commit:
                 with self.conn.pipeline():
-                    then(self.conn)
+                    for statement in enter_statements(self.conn, self.schema):
+                        self.conn.execute(*statement)
+                    _finish(self.conn, then, commit)
             return 0
         seen: set[str] = set()
         batch: list[ChangeEvent] = []
@@ -383,12 +405,14 @@ class ChangeLog:
                 batch.append(e)
         with store_errors(self.schema), transaction_for(self.conn):
             if not any(e.op == "update" for e in batch):
-                stored = self._append_direct(batch, then)
+                stored = self._append_direct(batch, then, commit)
                 if stored is not None:
                     return stored
-            return self._append_staged(batch, then)
+            return self._append_staged(batch, then, commit)
 
-    def _append_staged(self, batch: list[ChangeEvent], then: Then | None) -> int:
+    def _append_staged(
+        self, batch: list[ChangeEvent], then: Sequence[Statement], commit: bool
+    ) -> int:
         """The general path: staging table, filling, ``INSERT ... ON CONFLICT DO NOTHING``."""
         conn = self.conn
         batch_shapes: dict[str, Any] = {}
@@ -417,13 +441,13 @@ class ChangeLog:
                 conn.execute(query("fill_from_log"))
             counted = conn.cursor(row_factory=tuple_row)
             counted.execute(query("insert_events"))
-            conn.execute(query("finish_append"))
-            if then is not None:
-                then(conn)
+            _finish(conn, then, commit, restore=query("finish_append"))
         result = counted.fetchone()
         return int(result[0]) if result else 0
 
-    def _append_direct(self, batch: list[ChangeEvent], then: Then | None) -> int | None:
+    def _append_direct(
+        self, batch: list[ChangeEvent], then: Sequence[Statement], commit: bool
+    ) -> int | None:
         """COPYs a batch without updates straight into ``events``; ``None`` if one was there.
 
         Three round trips whatever the batch's size: one pipeline (enter the schema, set a
@@ -463,9 +487,7 @@ class ChangeLog:
             return None
         with conn.pipeline():
             conn.execute(query("direct_end"))
-            conn.execute(query("restore_search_path"))
-            if then is not None:
-                then(conn)
+            _finish(conn, then, commit)
         return len(batch)
 
     # -- reading -----------------------------------------------------------------------
@@ -586,4 +608,11 @@ class ChangeLog:
         return shape_from_columns(row[0]) if row else None
 
 
-__all__ = ["ChangeLog", "StoredEvent", "Then", "enter_statements", "row_key_of", "shape_digest"]
+__all__ = [
+    "ChangeLog",
+    "Statement",
+    "StoredEvent",
+    "enter_statements",
+    "row_key_of",
+    "shape_digest",
+]
