@@ -21,9 +21,8 @@ from pgherald.errors import ConfigError
 from pgherald.events import ChangeEvent
 from pgherald.sources.logical import LogicalSettings, LogicalSource, LogicalWatch
 from pgherald.store import checkpoints, migrations, watches
-from pgherald.store.changelog import ChangeLog, enter_statements
+from pgherald.store.changelog import ChangeLog, Statement
 from pgherald.store.queries import query
-from pgherald.store.session import RESTORE
 
 log = logging.getLogger("pgherald")
 
@@ -79,21 +78,19 @@ class ChangeLogSink:
         self._connection()
         assert self._log is not None
 
-        def finish(conn: psycopg.Connection[Any]) -> None:
-            for statement in enter_statements(conn, self.schema):
-                conn.execute(*statement)
-            for name, count in self._per_watch.items():
-                conn.execute(
-                    query("record_watch_activity"),
-                    {"name": name, "changes": count, "ok": True, "error": None},
-                )
-            for source, value in ((self.source, position), *(extra or {}).items()):
-                conn.execute(query("save_checkpoint"), {"source": source, "position": value})
-            conn.execute(RESTORE)
-            conn.commit()
-
+        statements: list[Statement] = [
+            (
+                query("record_watch_activity"),
+                {"name": name, "changes": count, "ok": True, "error": None},
+            )
+            for name, count in self._per_watch.items()
+        ]
+        statements += [
+            (query("save_checkpoint"), {"source": source, "position": value})
+            for source, value in ((self.source, position), *(extra or {}).items())
+        ]
         held, self._held = self._held, []
-        self._log.append(held, then=finish)
+        self._log.append(held, then=statements, commit=True)
         self.stored_events += sum(self._per_watch.values())
         self._per_watch.clear()
 
