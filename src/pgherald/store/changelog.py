@@ -271,6 +271,7 @@ class ChangeLog:
         self.conn = conn
         self.schema = schema
         self._shapes_by_obj: dict[int, _ShapeInfo] = {}
+        self._committed_shape_ids: dict[str, str] = {}  # digest -> id, seen committed
         self._shapes_by_id: dict[int, RowShape] = {}
 
     # -- appending ---------------------------------------------------------------------
@@ -454,6 +455,12 @@ class ChangeLog:
         savepoint, store the batch's shapes and learn their ids), COPY, and one pipeline
         to release the savepoint (with ``then``). Round trips count: a busy server answers
         each after its run queue.
+
+        Shape ids that this connection saw committed (``commit=True``) are remembered, so
+        that the usual batch, whose shapes are all known, skips storing and looking them
+        up (a third of the server's fixed cost of a small batch). A remembered id whose
+        row is gone fails the COPY on the foreign key: the cache is forgotten and the
+        batch takes the staged path, which looks everything up again.
         """
         conn = self.conn
         shapes: dict[int, RowShape] = {}
@@ -464,17 +471,24 @@ class ChangeLog:
                 shapes[id(e.old.shape)] = e.old.shape
         infos = {key: self._shape(shape) for key, shape in shapes.items()}
         by_digest = {info.digest: info.columns for info in infos.values()}
+        known = self._committed_shape_ids
         with conn.pipeline():
             for statement in enter_statements(conn, self.schema):
                 conn.execute(*statement)
             conn.execute(query("direct_begin"))
-            conn.execute(
-                query("upsert_shapes"),
-                {"digests": list(by_digest), "columns": [Jsonb(c) for c in by_digest.values()]},
-            )
-            found = conn.cursor(row_factory=tuple_row)
-            found.execute(query("shape_ids"), {"digests": list(by_digest)})
-        ids_by_digest = {str(digest): str(shape_id) for digest, shape_id in found.fetchall()}
+            if not all(digest in known for digest in by_digest):
+                conn.execute(
+                    query("upsert_shapes"),
+                    {"digests": list(by_digest), "columns": [Jsonb(c) for c in by_digest.values()]},
+                )
+                found = conn.cursor(row_factory=tuple_row)
+                found.execute(query("shape_ids"), {"digests": list(by_digest)})
+            else:
+                found = None
+        if found is None:
+            ids_by_digest = {digest: known[digest] for digest in by_digest}
+        else:
+            ids_by_digest = {str(digest): str(shape_id) for digest, shape_id in found.fetchall()}
         shape_ids = {key: ids_by_digest[info.digest] for key, info in infos.items()}
         try:
             with conn.cursor() as cur, cur.copy(query("copy_events")) as copy:
@@ -482,12 +496,15 @@ class ChangeLog:
                 for start in range(0, len(batch), _COPY_CHUNK):
                     chunk = [line(e) for e in batch[start : start + _COPY_CHUNK]]
                     copy.write("\n".join(chunk) + "\n")
-        except psycopg.errors.UniqueViolation:
+        except (psycopg.errors.UniqueViolation, psycopg.errors.ForeignKeyViolation):
             conn.execute(query("direct_undo"))
+            known.clear()
             return None
         with conn.pipeline():
             conn.execute(query("direct_end"))
             _finish(conn, then, commit)
+        if commit:
+            known.update(ids_by_digest)
         return len(batch)
 
     # -- reading -----------------------------------------------------------------------
