@@ -22,6 +22,7 @@ import contextlib
 import logging
 import os
 import select
+import struct
 import threading
 import time
 from collections import deque
@@ -65,6 +66,9 @@ from pgherald.sources.pgoutput import (
 log = logging.getLogger("pgherald.logical")
 
 HEARTBEAT_PREFIX = "pgherald.heartbeat"
+
+_COMMIT_SIZE = 26  # 'C', flags, commit LSN, end LSN, commit time: pgoutput's COMMIT
+_COMMIT_END_LSN = struct.Struct("!Q")
 
 
 def format_lsn(lsn: int) -> str:
@@ -693,8 +697,18 @@ class LogicalSource:
                 select.select([fd, writer.wakeup], [], [], 0.2)
                 writer.woken()
                 continue
-            m = decode(msg.payload)
-            kind = type(m)
+            payload = msg.payload
+            if payload[0] == 0x43 and len(payload) == _COMMIT_SIZE:
+                # COMMIT, one per transaction: only its end LSN matters here, so it is read
+                # in place (pgoutput.decode would build a dataclass and a datetime for it).
+                kind: type = Commit
+                (end_lsn,) = _COMMIT_END_LSN.unpack_from(payload, 10)
+            else:
+                m = decode(payload)
+                kind = type(m)
+                if kind is Commit:
+                    assert isinstance(m, Commit)
+                    end_lsn = m.end_lsn
             if kind is Begin:
                 assert isinstance(m, Begin)
                 in_txn = True
@@ -702,14 +716,13 @@ class LogicalSource:
                 skip_txn = m.final_lsn < self.stored_lsn
                 asm.begin(m)
             elif kind is Commit:
-                assert isinstance(m, Commit)
                 in_txn = False
                 if skip_txn:
                     continue
                 now = time.monotonic()
                 if not pending_end:
                     pending_since = now
-                pending_end = m.end_lsn
+                pending_end = end_lsn
                 if snaps and not snaps[0].awaiting:
                     # Under a steady stream there is no idle moment: read chunks as we go.
                     snaps[0].read_chunk(catalog, s.snapshot_chunk_size, asm.type_names)
