@@ -35,7 +35,16 @@ TARGET_RATIO = 0.85
 
 
 def drop_slots(db: c.BenchDB) -> None:
+    """Drops the database's slots once their readers are gone (a walsender lingers a bit)."""
     with db.connect() as conn:
+        for _ in range(200):
+            active = conn.execute(
+                "SELECT count(*) FROM pg_replication_slots"
+                " WHERE database = current_database() AND active"
+            ).fetchone()
+            if active is None or active[0] == 0:
+                break
+            time.sleep(0.05)
         conn.execute(
             "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots"
             " WHERE database = current_database()"
