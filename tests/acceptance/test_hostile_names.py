@@ -224,7 +224,11 @@ def test_hostile_store_schema_and_publication_names(db: Database) -> None:
     doctor = assert_ok(cli(*flags, "doctor", dsn=dsn))
     assert "[ok  ] store: installed" in doctor.stdout
     removed = assert_ok(cli(*flags, "uninstall", "--yes", dsn=dsn)).lines
-    assert removed == [f"removed publication {publication}", f"removed schema {quoted(schema)}"]
+    assert removed == [
+        "removed replication slot pgherald",  # created by the first logical watch
+        f"removed publication {publication}",
+        f"removed schema {quoted(schema)}",
+    ]
     assert not db.execute("SELECT 1 FROM pg_namespace WHERE nspname = %s", (schema,))
     assert db.execute("SELECT 1 FROM pg_namespace WHERE nspname = 'public'") == [(1,)]
     assert decoys_intact(db)

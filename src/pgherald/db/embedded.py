@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import hashlib
 import os
 import pwd
 import shutil
@@ -135,6 +136,11 @@ def _ensure_unprivileged_user() -> pwd.struct_passwd:
         return pwd.getpwnam(UNPRIVILEGED_USER)
 
 
+def _open_to_others(path: Path) -> bool:
+    """Whether every directory from the root down to ``path`` lets other users through."""
+    return all(part.stat().st_mode & 0o001 for part in (path, *path.parents))
+
+
 def _traversable(base: str) -> str:
     """``base`` if every directory above it lets others through, else the system's /tmp.
 
@@ -142,10 +148,38 @@ def _traversable(base: str) -> str:
     0700 temporary directory (pytest's, for one) would stop it.
     """
     path = Path(base).resolve()
-    for part in (path, *path.parents):
-        if not part.stat().st_mode & 0o001:
-            return "/tmp"
-    return str(path)
+    return str(path) if _open_to_others(path) else "/tmp"
+
+
+def _reachable_binaries(binaries: PgBinaries) -> PgBinaries:
+    """Binaries the unprivileged server user can run, copying the installation if need be.
+
+    pgserver's PostgreSQL lives inside a virtual environment, which may sit in a directory
+    only root can enter (a fresh clone in a 0700 temporary directory, say). Then its whole
+    installation (bin, lib, share; about 35 MB) is copied once to a world-readable place.
+    """
+    bindir = binaries.bindir.resolve()
+    if _open_to_others(bindir):
+        return binaries
+    install = bindir.parent  # .../site-packages/pgserver/pginstall
+    # The programs find their libraries through RPATH $ORIGIN/../../../pgserver.libs (the
+    # wheel's vendored libraries beside the package), so the copy keeps that layout.
+    package_root = install.parent.parent
+    digest = hashlib.sha256(str(install).encode()).hexdigest()[:12]
+    target = Path("/tmp") / f"pgherald-pginstall-{binaries.version}-{digest}"
+    relative = install.relative_to(package_root)
+    if not (target / relative / "bin" / "postgres").exists():
+        staging = Path(tempfile.mkdtemp(prefix="pgherald-pginstall-", dir="/tmp"))
+        shutil.copytree(install, staging / relative, symlinks=True)
+        libs = package_root / "pgserver.libs"
+        if libs.is_dir():
+            shutil.copytree(libs, staging / "pgserver.libs", symlinks=True)
+        for directory in (staging, *(p for p in staging.rglob("*") if p.is_dir())):
+            directory.chmod(0o755)
+        with contextlib.suppress(OSError):  # another process copied it first
+            staging.rename(target)
+        shutil.rmtree(staging, ignore_errors=True)
+    return PgBinaries(target / relative / "bin", binaries.version)
 
 
 class EmbeddedCluster:
@@ -220,6 +254,7 @@ class EmbeddedCluster:
         if os.geteuid() == 0:
             self._run_as = _ensure_unprivileged_user()
             base = _traversable(base or tempfile.gettempdir())
+            self.binaries = _reachable_binaries(self.binaries)
         self.root = Path(tempfile.mkdtemp(prefix="pgherald-pg-", dir=base))
         self.root.chmod(0o755)
         self.socket_dir.mkdir()
