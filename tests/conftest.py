@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -86,17 +87,38 @@ def _new_database(cluster: EmbeddedCluster) -> Database:
     return Database(cluster, name)
 
 
+def _drop_slot(conn: psycopg.Connection[tuple[object, ...]], slot: str) -> None:
+    """Drops a slot, ending its holder first and waiting for the walsender to let it go.
+
+    A walsender takes a moment to exit after it is terminated; dropping at once fails with
+    "slot is active", and a slot left behind (slots are cluster-wide) would trouble later tests.
+    """
+    deadline = time.monotonic() + 30
+    while True:
+        conn.execute(
+            "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots"
+            " WHERE slot_name = %s AND active_pid IS NOT NULL",
+            (slot,),
+        )
+        try:
+            conn.execute(
+                "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots"
+                " WHERE slot_name = %s",
+                (slot,),
+            )
+            return
+        except psycopg.errors.ObjectInUse:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
+
+
 def _drop_database(db: Database) -> None:
     with psycopg.connect(db.cluster.dsn(), autocommit=True) as conn:
         for (slot,) in conn.execute(
             "SELECT slot_name FROM pg_replication_slots WHERE database = %s", (db.name,)
         ).fetchall():
-            conn.execute(
-                "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots"
-                " WHERE slot_name = %s AND active_pid IS NOT NULL",
-                (slot,),
-            )
-            conn.execute("SELECT pg_drop_replication_slot(%s)", (slot,))
+            _drop_slot(conn, str(slot))
         conn.execute(
             psycopg.sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
                 psycopg.sql.Identifier(db.name)
