@@ -27,6 +27,7 @@ from pgherald.config import TABLE_METHODS, Settings, TableMethod, WatchSpec
 from pgherald.db.connect import connect
 from pgherald.errors import CaptureError, ConfigError, SchemaError, WatchError
 from pgherald.sources import logical_admin
+from pgherald.sources.logical import checkpoint_name
 from pgherald.store import checkpoints, migrations
 from pgherald.store import watches as registry
 from pgherald.store.changelog import ChangeLog, StoredEvent
@@ -501,8 +502,10 @@ def ensure_slot(settings: Settings) -> bool:
     with connect(settings, autocommit=True) as conn:
         if logical_admin.slot_info(conn, settings.slot) is not None:
             return False
-        source = f"logical:{settings.slot}"
-        if checkpoints.load_checkpoint(conn, settings.schema, source) is not None:
+        if (
+            checkpoints.load_checkpoint(conn, settings.schema, checkpoint_name(settings.slot))
+            is not None
+        ):
             return False
         logical_admin.create_slot(conn, settings.slot)
         return True
@@ -824,7 +827,9 @@ def status(settings: Settings) -> CaptureStatus:
     with connect(settings, autocommit=True) as conn:
         migrations.require_current(conn, settings.schema)
         slot = logical_admin.slot_info(conn, settings.slot)
-        checkpoint = checkpoints.load_checkpoint(conn, settings.schema, f"logical:{settings.slot}")
+        checkpoint = checkpoints.load_checkpoint(
+            conn, settings.schema, checkpoint_name(settings.slot)
+        )
         events = ChangeLog(conn, settings.schema).last_id()
         found = tuple(registry.list_watches(conn, settings.schema))
     return CaptureStatus(slot, checkpoint, events, found)

@@ -19,7 +19,12 @@ from pgherald.config import Settings
 from pgherald.db.connect import connect
 from pgherald.errors import ConfigError
 from pgherald.events import ChangeEvent
-from pgherald.sources.logical import LogicalSettings, LogicalSource, LogicalWatch
+from pgherald.sources.logical import (
+    LogicalSettings,
+    LogicalSource,
+    LogicalWatch,
+    checkpoint_name,
+)
 from pgherald.store import checkpoints, migrations, watches
 from pgherald.store.changelog import ChangeLog, Statement
 from pgherald.store.queries import query
@@ -125,8 +130,8 @@ class ChangeLogSink:
 
 
 def logical_source_name(settings: Settings) -> str:
-    """The checkpoint name of the logical source (``admin.ensure_slot`` uses the same)."""
-    return f"logical:{settings.slot}"
+    """The checkpoint name of the logical source of these settings."""
+    return checkpoint_name(settings.slot)
 
 
 def logical_watches(settings: Settings) -> list[LogicalWatch]:

@@ -77,6 +77,15 @@ _COMMIT_SIZE = 26  # 'C', flags, commit LSN, end LSN, commit time: pgoutput's CO
 _COMMIT_END_LSN = struct.Struct("!Q")
 
 
+def checkpoint_name(slot: str) -> str:
+    """The change log checkpoint of the logical source reading ``slot``.
+
+    Capture saves it, ``watch add`` checks it before creating a slot (a missing slot behind
+    a checkpoint is a gap, never silently recreated), and ``status`` shows it.
+    """
+    return f"logical:{slot}"
+
+
 def format_lsn(lsn: int) -> str:
     return f"{lsn >> 32:X}/{lsn & 0xFFFFFFFF:X}"
 
