@@ -7,48 +7,17 @@ where the migrations-equal-schema test and the queries see the same unqualified 
 
 from __future__ import annotations
 
-import functools
-import re
-from importlib import resources
-from typing import Final, LiteralString
+from typing import LiteralString
 
-_HEADER: Final = re.compile(r"^--\s*name:\s*([A-Za-z_][A-Za-z0-9_]*)\s*$", re.MULTILINE)
+from pgherald.db.sqlfiles import blocks_of, named_query, parse_blocks, read_sql
 
-
-def read_sql(relative: str) -> LiteralString:
-    """The text of ``pgherald/sql/<relative>``.
-
-    It is typed as a literal string because it is: SQL shipped inside the package, never
-    built from input, which is exactly what psycopg's ``LiteralString`` guard is about.
-    """
-    text = resources.files("pgherald").joinpath("sql", relative).read_text(encoding="utf-8")
-    return text
+__all__ = ["parse_blocks", "queries", "query", "read_sql"]
 
 
-def parse_blocks(text: str) -> dict[str, LiteralString]:
-    """``{name: sql}`` of every ``-- name: ...`` block; the text before the first is ignored."""
-    headers = list(_HEADER.finditer(text))
-    blocks: dict[str, LiteralString] = {}
-    for i, header in enumerate(headers):
-        end = headers[i + 1].start() if i + 1 < len(headers) else len(text)
-        name = header.group(1)
-        if name in blocks:
-            raise ValueError(f"query {name!r} is defined twice")
-        body = text[header.end() : end].strip()
-        if not body:
-            raise ValueError(f"query {name!r} is empty")
-        blocks[name] = body
-    return blocks
-
-
-@functools.cache
 def queries() -> dict[str, LiteralString]:
-    return parse_blocks(read_sql("queries.sql"))
+    return blocks_of("queries.sql")
 
 
 def query(name: str) -> LiteralString:
     """The named block of ``sql/queries.sql``."""
-    try:
-        return queries()[name]
-    except KeyError:
-        raise KeyError(f"no query named {name!r} in sql/queries.sql") from None
+    return named_query("queries.sql", name)
