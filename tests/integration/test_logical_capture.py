@@ -409,11 +409,6 @@ def test_updates_of_ignored_or_unwatched_columns_only_are_not_reported(
     assert [(e.op, e.changed) for e in narrow] == [("insert", ()), ("update", ("a",))]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="production bug: an update that changes the key and leaves a TOAST column untouched"
-    " is not filled from the row's previous version under its old key (marked unchanged)",
-)
 def test_unchanged_toast_is_filled_across_a_key_change(db: Database) -> None:
     body = big_text()
     run_sql(db, "CREATE TABLE doc (id int PRIMARY KEY, title text, body text)")

@@ -310,6 +310,62 @@ def test_a_key_change_is_not_filled_from_another_rows_history(
     assert got.meta == {"old_key": {"id": "1"}}
 
 
+def moved(ev: Events, id_: str, old_id: str, name: Text, bio: Text) -> ChangeEvent:
+    """An update that moved row ``old_id`` to key ``id_``, as REPLICA IDENTITY DEFAULT sends it."""
+    return ev.update(id_, name, bio, meta={"old_key": {"id": old_id}})
+
+
+def test_a_key_change_is_filled_from_the_rows_history_under_its_old_key(
+    conn: psycopg.Connection[Any],
+) -> None:
+    ev = Events()
+    log = ChangeLog(conn, SCHEMA)
+    log.append([ev.insert("1", "one", BIG), ev.insert("5", "five", "FIVE")])
+    # Stored history under the old key; the new key's own (stale) history is not used.
+    log.append([ev.update("1", "uno", UNCHANGED_TOAST), key_delete(ev, "5")])
+    to_5 = moved(ev, "5", "1", "uno", UNCHANGED_TOAST)
+    after = ev.update("5", "cinco", UNCHANGED_TOAST)
+    log.append([to_5, after])
+    got = only(log, to_5.event_id)
+    assert got.new == image("5", "uno", BIG)
+    assert got.old is None and got.old_values == "none"
+    assert got.meta == {"old_key": {"id": "1"}}
+    later = only(log, after.event_id)
+    assert later.new == image("5", "cinco", BIG)
+    assert later.old == image("5", "uno", BIG)
+    assert later.changed == ("name",)
+    # Chains of moves within one batch, and a stored move to carry on from.
+    to_6, to_7 = moved(ev, "6", "5", "seis", UNCHANGED_TOAST), moved(ev, "7", "6", "x", None)
+    to_8 = moved(ev, "8", "7", "ocho", UNCHANGED_TOAST)
+    log.append([to_6, ev.update("6", "six", UNCHANGED_TOAST), to_7, to_8])
+    assert only(log, to_6.event_id).new == image("6", "seis", BIG)
+    assert only(log, to_7.event_id).new == image("7", "x", None)
+    assert only(log, to_8.event_id).new == image("8", "ocho", None)
+    to_10 = moved(ev, "10", "8", "diez", UNCHANGED_TOAST)
+    log.append([to_10])
+    assert only(log, to_10.event_id).new == image("10", "diez", None)
+
+
+def test_a_key_change_is_not_filled_across_a_delete_or_from_before_a_move(
+    conn: psycopg.Connection[Any],
+) -> None:
+    ev = Events()
+    log = ChangeLog(conn, SCHEMA)
+    log.append([ev.insert("1", "one", "ONE"), ev.insert("2", "two", "TWO")])
+    gone = moved(ev, "3", "1", "three", UNCHANGED_TOAST)
+    # Row 2 moves away to 4; row 9 (never seen) moves to 2; an update of 2 follows.
+    away = moved(ev, "4", "2", "four", UNCHANGED_TOAST)
+    into = moved(ev, "2", "9", "nine", UNCHANGED_TOAST)
+    upd = ev.update("2", "nueve", UNCHANGED_TOAST)
+    log.append([key_delete(ev, "1"), gone, away, into, upd])
+    assert only(log, gone.event_id).new == image("3", "three", UNCHANGED_TOAST)
+    assert only(log, away.event_id).new == image("4", "four", "TWO")
+    assert only(log, into.event_id).new == image("2", "nine", UNCHANGED_TOAST)
+    # The update's previous version is the moved row, not what key 2 held before it.
+    assert only(log, upd.event_id).new == image("2", "nueve", UNCHANGED_TOAST)
+    assert only(log, upd.event_id).old == image("2", "nine", UNCHANGED_TOAST)
+
+
 def test_filling_works_by_column_name_across_a_schema_change(
     conn: psycopg.Connection[Any],
 ) -> None:

@@ -72,7 +72,8 @@ CREATE TEMP TABLE IF NOT EXISTS pgherald_stage (
     seq integer NOT NULL,
     old_values_source text NOT NULL,
     meta jsonb NOT NULL,
-    fill boolean NOT NULL
+    fill boolean NOT NULL,
+    old_row_key text  -- an update that moved its row to another key: the key it had
 ) ON COMMIT DELETE ROWS;
 DELETE FROM pg_temp.pgherald_stage;
 
@@ -85,7 +86,7 @@ SELECT set_config('jit', current_setting('pgherald.saved_jit'), true),
 COPY pg_temp.pgherald_stage (
     ord, event_id, watch, op, schema_name, table_name, row_key, key_columns, shape_digest,
     old_shape_digest, old_values, new_values, unchanged, old_unchanged, changed, xid, position,
-    commit_time, captured_at, method, seq, old_values_source, meta, fill
+    commit_time, captured_at, method, seq, old_values_source, meta, fill, old_row_key
 ) FROM STDIN
 
 -- name: upsert_shapes
@@ -99,11 +100,90 @@ SELECT u.digest, u.columns,
 FROM unnest(%(digests)s::text[], %(columns)s::jsonb[]) AS u(digest, columns)
 ON CONFLICT (digest) DO NOTHING
 
+-- name: fill_key_changes
+-- Completes the unchanged TOAST values of updates that moved their row to another key,
+-- from the row's history under the key it had (`old_row_key`, pgoutput's old key tuple):
+-- each such column's latest known text among the versions of (watch, old_row_key) before
+-- the update, staged or the latest stored one, within the row's life there (after the
+-- last delete of that key; from the last update that moved a row to it). A version that
+-- left the column as unchanged TOAST had the same value as the one before it. What is
+-- not found stays unchanged TOAST. An update may move a row that an earlier update of the
+-- same batch moved, whose values this very statement completes: ChangeLog runs it once
+-- per such link of the batch's longest chain, before fill_from_log, which then carries
+-- the completed values on to later updates under the new key.
+WITH requests AS (
+    SELECT st.ord, st.watch, st.old_row_key, u.name
+    FROM pg_temp.pgherald_stage st
+    CROSS JOIN LATERAL unnest(st.unchanged) AS u(name)
+    WHERE st.op = 'update' AND st.old_row_key IS NOT NULL AND st.unchanged IS NOT NULL
+),
+keys AS (
+    SELECT DISTINCT watch, old_row_key AS row_key FROM requests
+),
+versions AS (
+    SELECT v.watch, v.row_key, v.ord, v.op, s.names, v.new_values AS vals,
+           v.unchanged AS unch, v.old_row_key IS NOT NULL AS moved_here
+    FROM pg_temp.pgherald_stage v
+    JOIN keys k ON k.watch = v.watch AND k.row_key = v.row_key
+    LEFT JOIN shapes s ON s.digest = v.shape_digest
+    WHERE v.op IN ('insert', 'update', 'delete', 'read')
+    UNION ALL
+    SELECT k.watch, k.row_key, -1, p.op, s.names, p.new_values, p.unchanged, false
+    FROM keys k
+    CROSS JOIN LATERAL (
+        SELECT e.op, e.shape_id, e.new_values, e.unchanged
+        FROM events e
+        WHERE e.watch = k.watch AND e.row_key = k.row_key
+          AND e.op IN ('insert', 'update', 'delete', 'read')
+          AND e.event_id NOT IN (SELECT event_id FROM pg_temp.pgherald_stage)
+        ORDER BY e.id DESC
+        LIMIT 1
+    ) AS p
+    LEFT JOIN shapes s ON s.id = p.shape_id
+),
+found AS (
+    SELECT r.ord, r.name, c.val
+    FROM requests r
+    CROSS JOIN LATERAL (
+        SELECT coalesce(max(CASE WHEN v.op = 'delete' THEN v.ord + 1
+                                 WHEN v.moved_here THEN v.ord END), -1) AS start
+        FROM versions v
+        WHERE v.watch = r.watch AND v.row_key = r.old_row_key AND v.ord < r.ord
+    ) AS life
+    CROSS JOIN LATERAL (
+        SELECT v.vals[array_position(v.names, r.name)] AS val
+        FROM versions v
+        WHERE v.watch = r.watch AND v.row_key = r.old_row_key
+          AND v.ord < r.ord AND v.ord >= life.start AND v.op <> 'delete'
+          AND r.name = ANY (v.names) AND NOT (r.name = ANY (coalesce(v.unch, '{}')))
+        ORDER BY v.ord DESC
+        LIMIT 1
+    ) AS c
+),
+filled AS (
+    SELECT st.ord,
+           array_agg(CASE WHEN f.name IS NULL THEN c.val ELSE f.val END ORDER BY c.i)
+               AS new_values,
+           array_agg(c.name ORDER BY c.i)
+               FILTER (WHERE f.name IS NULL AND c.name = ANY (st.unchanged)) AS unchanged
+    FROM pg_temp.pgherald_stage st
+    JOIN shapes s ON s.digest = st.shape_digest
+    CROSS JOIN LATERAL unnest(s.names, st.new_values) WITH ORDINALITY AS c(name, val, i)
+    LEFT JOIN found f ON f.ord = st.ord AND f.name = c.name
+    WHERE st.ord IN (SELECT ord FROM found)
+    GROUP BY st.ord
+)
+UPDATE pg_temp.pgherald_stage st
+SET new_values = f.new_values, unchanged = f.unchanged
+FROM filled f
+WHERE st.ord = f.ord
+
 -- name: fill_from_log
 -- Completes the staged updates marked `fill` (no old row, or unchanged TOAST values) from
 -- the previous version of the same row: the previous staged event of the same
 -- (watch, row_key), else the latest stored one. A delete ends a row's life, so nothing
--- looks back past one. A column's previous text is the latest *known* text of that column
+-- looks back past one, and an update that moved a row to this key starts a new one (what
+-- the key held before belonged to another row; fill_key_changes has completed it already). A column's previous text is the latest *known* text of that column
 -- in the row's life: a version that left it as unchanged TOAST had it from an earlier
 -- version, so the latest known one is the same value (and if none is known, none was).
 -- Works column by column, as rows of (row, life, column, version) ordered by version,
@@ -114,7 +194,7 @@ WITH targets AS (  -- the rows to look at, numbered: sorting by integers beats t
 ),
 stored AS (
     SELECT t.gid, -1 AS ord, p.op, s.names, p.new_values AS vals, p.unchanged AS unch,
-           false AS fill
+           false AS fill, false AS moved_here
     FROM targets t
     CROSS JOIN LATERAL (
         SELECT e.op, e.shape_id, e.new_values, e.unchanged
@@ -130,7 +210,8 @@ stored AS (
 versions AS (
     SELECT * FROM stored
     UNION ALL
-    SELECT t.gid, st.ord, st.op, s.names, st.new_values, st.unchanged, st.fill
+    SELECT t.gid, st.ord, st.op, s.names, st.new_values, st.unchanged, st.fill,
+           st.old_row_key IS NOT NULL
     FROM pg_temp.pgherald_stage st
     JOIN targets t ON t.watch = st.watch AND t.row_key = st.row_key
     LEFT JOIN shapes s ON s.digest = st.shape_digest
@@ -138,7 +219,8 @@ versions AS (
 ),
 lives AS (
     SELECT v.*,
-           count(*) FILTER (WHERE v.op = 'delete') OVER (PARTITION BY v.gid ORDER BY v.ord) AS life
+           count(*) FILTER (WHERE v.op = 'delete' OR v.moved_here)
+               OVER (PARTITION BY v.gid ORDER BY v.ord) AS life
     FROM versions v
 ),
 flagged AS (

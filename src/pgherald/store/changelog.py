@@ -131,6 +131,29 @@ def _texts(image: RowImage) -> tuple[list[str | None], list[str] | None]:
     return out, unchanged
 
 
+def _old_row_key(event: ChangeEvent) -> str | None:
+    """The row key an update moved its row from, if it moved it (``None`` otherwise).
+
+    pgoutput's old key tuple (``meta["old_key"]``) says it under REPLICA IDENTITY DEFAULT and
+    INDEX; a whole old row (FULL, triggers) says it with its key columns.
+    """
+    key = event.key
+    if not key:
+        return None
+    old_key = event.meta.get("old_key") if event.meta else None
+    if isinstance(old_key, Mapping) and all(name in old_key for name in key):
+        moved = {name: old_key[name] for name in key}
+    elif event.old is not None and all(name in event.old.shape for name in key):
+        moved = {name: event.old.text(name) for name in key}
+        if any(isinstance(v, Unchanged) for v in moved.values()):
+            return None
+    else:
+        return None
+    if moved == dict(key):
+        return None
+    return row_key_of(moved)
+
+
 def _key_changed(event: ChangeEvent) -> bool:
     """Whether an update moved the row to another key (its previous version is elsewhere)."""
     old_key = event.meta.get("old_key") if event.meta else None
@@ -287,9 +310,10 @@ class ChangeLog:
 
     def _stage_line(
         self, ord_: int, e: ChangeEvent, batch_shapes: dict[str, Any]
-    ) -> tuple[str, bool]:
-        """The event as one line of COPY text for the staging table, and whether it needs
-        filling from the log."""
+    ) -> tuple[str, bool, str | None, bool]:
+        """The event as one line of COPY text for the staging table; whether it needs
+        filling from the log (``fill_from_log``); the key it moved its row from, if it is
+        an update that did; and whether it needs filling from there (``fill_key_changes``)."""
         old, new = e.old, e.new
         shape_digest_: str | None = None
         old_shape_digest: str | None = None
@@ -308,8 +332,11 @@ class ChangeLog:
                 old_shape_digest = info.digest
             old_values, old_unchanged = _texts(old)
         key_changed = False
+        moved_from: str | None = None
         if e.op == "update":
             key_changed = _key_changed(e)
+            if key_changed:
+                moved_from = _old_row_key(e)
             if unchanged and old is not None and new is not None and old_values is not None:
                 # The old row (REPLICA IDENTITY FULL, triggers) fills unchanged TOAST itself.
                 old_unch = set(old_unchanged or ())
@@ -356,9 +383,10 @@ class ChangeLog:
                 ct.text(e.old_values),
                 ct.text(meta),
                 ct.boolean(fill),
+                ct.text(moved_from),
             )
         )
-        return line, fill
+        return line, fill, moved_from, moved_from is not None and bool(unchanged)
 
     def append(
         self, events: Sequence[ChangeEvent], then: Sequence[Statement] = (), commit: bool = False
@@ -418,12 +446,22 @@ class ChangeLog:
         conn = self.conn
         batch_shapes: dict[str, Any] = {}
         needs_fill = False
+        # Updates that moved a row are completed from its history under the key it had,
+        # which may be another such update of this batch: one pass per link of the chain.
+        moves: dict[tuple[str, str], int] = {}  # (watch, row key) -> links of moves into it
+        move_passes = 0
         conn.execute(enter_sql(self.schema, query("create_stage")))
         with conn.cursor() as cur, cur.copy(query("copy_stage")) as copy:
             chunk: list[str] = []
             for ord_, e in enumerate(batch):
-                line, fill = self._stage_line(ord_, e, batch_shapes)
+                line, fill, moved_from, fill_moved = self._stage_line(ord_, e, batch_shapes)
                 needs_fill = needs_fill or fill
+                if moved_from is not None:
+                    row_key = row_key_of(e.key)
+                    assert row_key is not None
+                    links = moves.get((e.watch, moved_from), 0) + 1 if fill_moved else 0
+                    moves[(e.watch, row_key)] = links
+                    move_passes = max(move_passes, links)
                 chunk.append(line)
                 if len(chunk) >= _COPY_CHUNK:
                     copy.write("\n".join(chunk) + "\n")
@@ -438,6 +476,8 @@ class ChangeLog:
                     "columns": [Jsonb(c) for c in batch_shapes.values()],
                 },
             )
+            for _ in range(move_passes):
+                conn.execute(query("fill_key_changes"))
             if needs_fill:
                 conn.execute(query("fill_from_log"))
             counted = conn.cursor(row_factory=tuple_row)
