@@ -19,6 +19,7 @@ from pgherald.config import Settings
 from pgherald.db.connect import connect
 from pgherald.errors import ConfigError
 from pgherald.events import ChangeEvent
+from pgherald.events.model import RowShape
 from pgherald.sources.logical import (
     LogicalSettings,
     LogicalSource,
@@ -123,6 +124,14 @@ class ChangeLogSink:
         position = checkpoints.load_checkpoint(conn, self.schema, name or self.source)
         conn.commit()
         return position
+
+    def last_shapes(self, watches: Sequence[str]) -> dict[str, RowShape]:
+        """Each watch's shape as the change log last recorded it (``ChangeLog.last_shape``)."""
+        conn = self._connection()
+        assert self._log is not None
+        found = {name: self._log.last_shape(name) for name in watches}
+        conn.commit()
+        return {name: shape for name, shape in found.items() if shape is not None}
 
     def close(self) -> None:
         if self._conn is not None:

@@ -317,6 +317,43 @@ def test_schema_changes_mid_stream_are_events_and_lose_no_rows(db: Database) -> 
     h.assert_replay_matches(db.dsn, rows, "public", "shifty", ["id"])
 
 
+def test_a_schema_change_made_while_capture_was_down_is_an_event_once(db: Database) -> None:
+    run_sql(db, "CREATE TABLE moody (id int PRIMARY KEY, a int)")
+    settings = h.install(db.dsn, ["public.moody"])
+
+    def session(*statements: str) -> None:
+        with h.capturing(settings) as capture:
+            run_sql(db, *statements)
+            h.catch_up(settings, alive=lambda: h.capture_problem(capture))
+
+    session("INSERT INTO moody VALUES (1, 1), (2, 2)")
+    # While capture is stopped: a column is added, and a row written in the new shape.
+    run_sql(db, "ALTER TABLE moody ADD COLUMN b text", "INSERT INTO moody VALUES (3, 3, 'x')")
+    session()
+    session("UPDATE moody SET a = 30 WHERE id = 3")  # a restart: nothing new to say
+    # Renamed while stopped, and only a key-only delete follows: the schema event is
+    # the only record of the new shape, and a restart must know it too.
+    run_sql(db, "ALTER TABLE moody RENAME COLUMN b TO c", "DELETE FROM moody WHERE id = 1")
+    session()
+    session("INSERT INTO moody VALUES (4, 4, 'y')")
+    events = h.stored_events(settings)
+    assert [(e.op, e.key.get("id")) for e in events] == [
+        ("insert", "1"),
+        ("insert", "2"),
+        ("schema", None),
+        ("insert", "3"),
+        ("update", "3"),
+        ("schema", None),
+        ("delete", "1"),
+        ("insert", "4"),
+    ]
+    added, renamed = (e.meta for e in events if e.op == "schema")
+    assert (added["added"], added["dropped"], added["renamed"]) == (["b"], [], [])
+    assert (renamed["added"], renamed["dropped"], renamed["renamed"]) == ([], [], [["b", "c"]])
+    assert [c[0] for c in renamed["columns_after"]] == ["id", "a", "c"]
+    assert events[-1].new is not None and h.texts(events[-1].new) == {"id": "4", "a": "4", "c": "y"}
+
+
 def test_restart_resumes_from_the_checkpoint_without_duplicates(db: Database) -> None:
     run_sql(db, "CREATE TABLE seq_t (id int PRIMARY KEY, v int)")
     settings = h.install(db.dsn, ["public.seq_t"])

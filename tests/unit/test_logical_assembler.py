@@ -144,6 +144,22 @@ def test_shape_change_mid_stream_is_an_event_of_its_own() -> None:
     assert list(asm.relation(changed)) == []
 
 
+def test_a_seeded_shape_makes_the_first_relation_a_schema_change_if_it_differs() -> None:
+    asm = assembler()
+    list(asm.relation(BASE))
+    stored = asm.relations[1000].shape
+    restarted = assembler()
+    restarted.seed_shape("public", "emp", stored)
+    assert list(restarted.relation(BASE)) == []  # what the log holds already: no event
+    again = assembler()
+    again.seed_shape("public", "emp", stored)
+    added = relation(("id", 23), ("name", 25), ("salary", 1700), ("notes", 25), ("dept", 25))
+    (event,) = again.relation(added)
+    assert event.op == "schema" and event.meta["added"] == ["dept"]
+    assert event.meta["type_oids_after"] == [23, 25, 1700, 25, 25]
+    assert list(again.relation(added)) == []
+
+
 def test_missing_key_column_is_a_clear_error() -> None:
     asm = assembler()
     with pytest.raises(CaptureError, match="key column"):

@@ -128,6 +128,13 @@ class CaptureSink(Protocol):
     def checkpoint(self, name: str | None = None) -> str | None:
         """The last committed position (or the ``extra`` checkpoint ``name``), None if none."""
 
+    def last_shapes(self, watches: Sequence[str]) -> Mapping[str, RowShape]:
+        """The row shape each watch had when last stored (watches never stored are left out).
+
+        A session starts from these, so that a table changed while capture was stopped
+        gets its ``schema`` event, and one already recorded does not get another.
+        """
+
 
 TypeNames = Callable[[Iterable[int]], Mapping[int, str]]
 
@@ -179,7 +186,9 @@ class TransactionAssembler:
         self._by_table = {(w.schema, w.table): w for w in self.watches}
 
     def seed_shape(self, schema: str, table: str, shape: RowShape) -> None:
-        """Tells the assembler the last shape stored, so a change while we were down is seen."""
+        """Tells the assembler the last shape stored, so a change while we were down is seen:
+        the first RELATION of a session is compared with it as later ones are with their
+        predecessor."""
         self._known_shapes[(schema, table)] = shape
 
     def begin(self, msg: Begin) -> None:
@@ -414,6 +423,9 @@ def describe_shape_change(before: RowShape, after: RowShape) -> dict[str, Any]:
     return {
         "columns_before": [[c.name, c.type_name] for c in before.columns],
         "columns_after": [[c.name, c.type_name] for c in after.columns],
+        # With columns_after, the shape as the change log stores it: a restarted capture
+        # compares the table's next RELATION with it (ChangeLog.last_shape).
+        "type_oids_after": [c.type_oid for c in after.columns],
         "added": added,
         "dropped": dropped,
         "renamed": renamed,
@@ -562,6 +574,10 @@ class LogicalSource:
             self.prepare_slot(catalog, checkpoint)
             apply_canonical_settings(catalog)  # snapshot chunks are read as text, like pgoutput's
             assembler = TransactionAssembler(self.watches, self._type_names(catalog))
+            shapes = sink.last_shapes([w.name for w in self.watches])
+            for w in self.watches:
+                if w.name in shapes:
+                    assembler.seed_shape(w.schema, w.table, shapes[w.name])
             self._snapshots = [
                 snap
                 for w in self.watches

@@ -408,14 +408,34 @@ SELECT coalesce(max(id), 0) FROM events
 SELECT id FROM events WHERE event_id = %(event_id)s
 
 -- name: last_watch_shape
--- The shape of a watch's latest stored full row (a delete's key-only image is not one).
-SELECT s.columns
-FROM events e
-JOIN shapes s ON s.id = e.shape_id
-WHERE e.watch = %(watch)s
-  AND e.op IN ('insert', 'update', 'delete', 'read') AND e.old_shape_id IS NULL
-  AND (e.op <> 'delete' OR e.old_values_source <> 'none')
-ORDER BY e.id DESC
+-- A watch's latest known shape: that of its latest stored full row (a delete's key-only
+-- image is not one), or the shape recorded by a later schema event (whose transaction may
+-- have stored no full row: a key-only delete, a truncate). Schema events are looked for
+-- only after that row, so this reads a few index entries, not the watch's whole history.
+WITH full_row AS (
+    SELECT e.id, s.columns
+    FROM events e
+    JOIN shapes s ON s.id = e.shape_id
+    WHERE e.watch = %(watch)s
+      AND e.op IN ('insert', 'update', 'delete', 'read') AND e.old_shape_id IS NULL
+      AND (e.op <> 'delete' OR e.old_values_source <> 'none')
+    ORDER BY e.id DESC
+    LIMIT 1
+),
+schema_change AS (
+    SELECT e.id,
+           (SELECT jsonb_agg(jsonb_build_array(c.col -> 0, o.oid, c.col -> 1) ORDER BY c.i)
+            FROM jsonb_array_elements(e.meta -> 'columns_after') WITH ORDINALITY AS c(col, i)
+            JOIN jsonb_array_elements(e.meta -> 'type_oids_after') WITH ORDINALITY AS o(oid, i)
+              USING (i)) AS columns
+    FROM events e
+    WHERE e.watch = %(watch)s AND e.op = 'schema' AND e.meta ? 'type_oids_after'
+      AND e.id > coalesce((SELECT id FROM full_row), 0)
+    ORDER BY e.id DESC
+    LIMIT 1
+)
+SELECT columns FROM (SELECT * FROM full_row UNION ALL SELECT * FROM schema_change) AS latest
+ORDER BY id DESC
 LIMIT 1
 
 -- Checkpoints ----------------------------------------------------------------------
