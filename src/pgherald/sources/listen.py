@@ -344,7 +344,7 @@ class Listener:
                     self._conn = conn
                     self._reconnects += 1
                     self._push(_RECONNECTED)
-                    log.info("reconnected; listening again on %d channel(s)", len(self._wanted))
+                    log.info("reconnected to %s", redact_dsn(self._dsn))
                 try:
                     await self._serve(conn)
                 except (psycopg.Error, _ConnectionLost) as e:
@@ -354,7 +354,7 @@ class Listener:
                         "lost the connection to %s (%s); notifications sent until it is back"
                         " are not received; reconnecting",
                         redact_dsn(self._dsn),
-                        _one_line(str(e)) or type(e).__name__,
+                        _first_line(e),
                     )
                 self._disconnected()
                 await conn.close()
@@ -396,7 +396,7 @@ class Listener:
                 await self._listen_all(conn)
                 return conn
             except (PgHeraldError, psycopg.Error) as e:
-                log.warning("reconnection attempt %d failed: %s", attempt, _one_line(str(e)))
+                log.warning("reconnection attempt %d failed: %s", attempt, _first_line(e))
                 if conn is not None:
                     await conn.close()
 
@@ -564,6 +564,12 @@ def _server_said(e: psycopg.Error) -> str:
 
 def _one_line(text: str) -> str:
     return " ".join(text.split())
+
+
+def _first_line(e: BaseException) -> str:
+    """libpq's first line says what happened; the next ones guess at why."""
+    lines = str(e).strip().splitlines()
+    return _one_line(lines[0]) if lines else type(e).__name__
 
 
 __all__ = [
