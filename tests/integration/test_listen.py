@@ -120,6 +120,34 @@ def test_every_async_for_loop_sees_every_notification(db: Database) -> None:
     run(scenario)
 
 
+def test_the_first_loop_gets_what_arrived_before_it_started(db: Database) -> None:
+    async def scenario() -> None:
+        async with await sender(db.dsn) as conn:
+            async with Listener(db.dsn, ["early"]) as listener:
+                await notify(conn, "early", "before any loop")
+                await asyncio.sleep(0.2)  # received and dispatched meanwhile
+                first = aiter(listener)
+                await notify(conn, "early", "during")
+                assert [n.payload for n in await take(first, 2)] == ["before any loop", "during"]
+                second = aiter(listener)  # later loops start from their beginning
+                await notify(conn, "early", "last")
+                assert [n.payload for n in await take(second)] == ["last"]
+                assert [n.payload for n in await take(first)] == ["last"]
+
+            # With a callback, nothing is kept for a loop that may never come.
+            seen: list[str] = []
+            async with Listener(db.dsn, ["early"]) as listener:
+                listener.add_callback(lambda n: seen.append(n.payload))
+                await notify(conn, "early", "to the callback")
+                await until(lambda: seen == ["to the callback"], "the callback")
+                assert len(listener._subscriptions) == 0
+                late = aiter(listener)
+                await notify(conn, "early", "both")
+                assert [n.payload for n in await take(late)] == ["both"]
+
+    run(scenario)
+
+
 def test_channels_change_at_runtime_promptly_while_a_loop_waits(db: Database) -> None:
     async def scenario() -> None:
         received: asyncio.Queue[Notification] = asyncio.Queue()

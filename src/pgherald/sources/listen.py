@@ -128,9 +128,11 @@ class Listener:
       statement ran on the connection (or at once while disconnected: the channel set is
       applied when the connection is back).
     - Each notification goes to every callback, in registration order, and to every
-      ``async for`` loop that is running (each loop sees every notification that arrives
-      while it runs; ``aiter(listener)`` starts such a subscription ahead of the loop).
-      A callback that raises is logged and the others still run.
+      ``async for`` loop that is running: a loop sees what arrives while it runs
+      (``aiter(listener)`` starts one ahead of its loop). What arrives before the first
+      loop starts is kept for it, unless a callback is registered (a program with
+      callbacks need not iterate, and nothing should pile up for a loop that never
+      comes). A callback that raises is logged and the others still run.
     - An idle connection is pinged every ``ping_interval`` seconds, so a connection that
       died silently is noticed and replaced.
     - At most ``max_pending`` notifications wait for a slow callback or loop; beyond
@@ -169,6 +171,7 @@ class Listener:
 
         self._callbacks: list[Callback] = []
         self._subscriptions: weakref.WeakSet[_Subscription] = weakref.WeakSet()
+        self._first_loop: _Subscription | None = None
         self._conn: _Conn | None = None
         self._listening: set[str] = set()
         self._requests: list[tuple[str, asyncio.Future[None]]] = []
@@ -211,6 +214,7 @@ class Listener:
     def add_callback(self, callback: Callback) -> Callback:
         """Calls ``callback(notification)`` for each notification; usable as a decorator."""
         self._callbacks.append(callback)
+        self._first_loop = None  # a program with callbacks need not iterate: keep nothing
         return callback
 
     def remove_callback(self, callback: Callback) -> None:
@@ -275,6 +279,11 @@ class Listener:
             await conn.close()
             raise
         self._conn = conn
+        if not self._callbacks and not self._subscriptions:
+            # Keep what arrives for the first `async for` loop, which usually starts a
+            # few awaits later; the listener holds it, so it lives until adopted.
+            self._first_loop = _Subscription(self, self._max_pending)
+            self._subscriptions.add(self._first_loop)
         self._supervisor = asyncio.create_task(self._supervise(conn), name="pgherald-listen")
         self._dispatcher = asyncio.create_task(self._dispatch(), name="pgherald-listen-dispatch")
         log.debug("listening on %d channel(s) at %s", len(self._wanted), redact_dsn(self._dsn))
@@ -308,6 +317,9 @@ class Listener:
     # -- async iteration --------------------------------------------------------------------
 
     def __aiter__(self) -> AsyncIterator[Notification]:
+        first, self._first_loop = self._first_loop, None
+        if first is not None:
+            return first
         subscription = _Subscription(self, self._max_pending)
         self._subscriptions.add(subscription)
         return subscription
