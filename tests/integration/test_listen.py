@@ -16,7 +16,7 @@ from psycopg import sql
 
 from pgherald.db.embedded import EmbeddedCluster, free_port
 from pgherald.errors import ConfigError, ConnectionFailed, PgHeraldError
-from pgherald.sources.listen import Listener, Notification, check_channel
+from pgherald.sources.listen import MAX_PAYLOAD_BYTES, Listener, Notification, check_channel
 from tests.conftest import Database
 
 T = TypeVar("T")
@@ -381,6 +381,21 @@ def test_duplicates_within_a_transaction_are_folded_distinct_payloads_are_not(
                 await notify(conn, "d", "x")
                 await notify(conn, "d", "x")
                 assert [n.payload for n in await take(it, 2)] == ["x", "x"]
+
+    run(scenario)
+
+
+def test_payloads_up_to_the_limit_arrive_whole_longer_ones_are_refused(db: Database) -> None:
+    async def scenario() -> None:
+        async with Listener(db.dsn, ["big"]) as listener, await sender(db.dsn) as conn:
+            it = aiter(listener)
+            largest = "é" * ((MAX_PAYLOAD_BYTES - 1) // 2) + "x"  # 7999 bytes in UTF-8
+            assert len(largest.encode()) == MAX_PAYLOAD_BYTES
+            await notify(conn, "big", largest)
+            assert [n.payload for n in await take(it)] == [largest]
+            with pytest.raises(psycopg.errors.InvalidParameterValue, match="too long"):
+                await notify(conn, "big", "y" * (MAX_PAYLOAD_BYTES + 1))
+            assert listener.connected
 
     run(scenario)
 
