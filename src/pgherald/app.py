@@ -68,7 +68,7 @@ class ChangeLogSink:
         self._connection()
         assert self._log is not None
         if self._held:
-            self._log.append(self._held)
+            self._log.append(self._held, notify=False)  # commit() notifies for all
         self._held = list(events)
         self._per_watch.update(e.watch for e in events)
 

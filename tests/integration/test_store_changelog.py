@@ -4,7 +4,9 @@ field rows, faithful reads, and a 10,000-event batch in a handful of round trips
 from __future__ import annotations
 
 import dataclasses
+import random
 import tempfile
+import threading
 import time
 from collections.abc import Iterator, Mapping
 from datetime import UTC, datetime, timedelta
@@ -12,7 +14,7 @@ from typing import Any
 
 import psycopg
 import pytest
-from psycopg import pq
+from psycopg import pq, sql
 
 from pgherald.events.model import (
     UNCHANGED_TOAST,
@@ -25,7 +27,7 @@ from pgherald.events.model import (
     Text,
 )
 from pgherald.store import migrations
-from pgherald.store.changelog import ChangeLog, StoredEvent
+from pgherald.store.changelog import ChangeLog, StoredEvent, changes_channel
 from tests.conftest import Database
 
 SCHEMA = "pgherald"
@@ -551,17 +553,172 @@ def test_ten_thousand_events_in_a_handful_of_round_trips(db_primary: Database, f
             elapsed = time.perf_counter() - started
         sent = counter.sent()
         counter.close()
-        # BEGIN, the staging set-up, COPY and COMMIT are simple queries; each statement of
-        # the pipeline is one Bind (shapes, filling when needed, insert, search path).
+        # BEGIN, the append lock with the staging set-up, COPY and COMMIT are simple
+        # queries; each statement of the pipeline is one Bind (shapes, filling when
+        # needed, insert, the wake-up NOTIFY, search path).
         statements = sent.get("Query", 0) + sent.get("Bind", 0)
         round_trips = sent.get("Query", 0) + sent.get("Sync", 0) + sent.get("CopyDone", 0)
         print(
             f"\nappend of 10,000 events ({'filled from the log' if fill else 'full rows'}):"
             f" {10_000 / elapsed:,.0f} events/s, {statements} statements, messages {sent}"
         )
-        assert statements <= 8, sent
+        assert statements <= 9, sent
         assert round_trips <= 6, sent
         last = only(log, batch[-1].event_id)
         assert last.new == image("1999", "name 1999.3", "bio 1999")
         assert last.old == image("1999", "name 1999.2" if fill else "name 1999", "bio 1999")
         assert count(conn, "event_fields") == 8000
+
+
+def test_the_changes_channel_fits_any_schema_name() -> None:
+    assert changes_channel("pgherald") == "pgherald_changes"
+    for long_name in ("s" * 63, "é" * 31, "s" * 56, "s" * 55 + "x"):
+        channel = changes_channel(long_name)
+        assert len(channel.encode("utf-8")) < 64
+    assert changes_channel("s" * 63) != changes_channel("s" * 62 + "t")
+    assert len(changes_channel("s" * 55).encode()) == 63  # still readable
+
+
+def _listener(db: Database, schema: str = SCHEMA) -> psycopg.Connection[Any]:
+    conn = db.connect()
+    conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(changes_channel(schema))))
+    return conn
+
+
+def _payloads(listener: psycopg.Connection[Any], timeout: float = 0.3) -> list[int]:
+    return [int(n.payload) for n in listener.notifies(timeout=timeout)]
+
+
+def test_one_notification_per_appending_transaction_after_it_commits(db: Database) -> None:
+    with db.connect() as c:
+        migrations.install(c, SCHEMA)
+    ev = Events()
+    with _listener(db) as listener, db.connect(autocommit=False) as conn:
+        log = ChangeLog(conn, SCHEMA)
+        log.append([ev.insert("1", "ann", "b1")])
+        log.append([ev.update("1", "anne", "b1")])  # the staged path
+        assert _payloads(listener) == [], "nothing is announced before the commit"
+        conn.commit()
+        last = log.last_id()
+        assert _payloads(listener) == [last - 1, last]  # one per append (notify=True)
+        # A transaction in several batches: notify=False but for the last, which may be empty.
+        log.append([ev.insert("2", "bob", "b2")], notify=False)
+        log.append([ev.update("2", "bobby", "b2")], notify=False)
+        log.append([], commit=True)
+        assert _payloads(listener) == [log.last_id()]
+        # Rolled back: nothing; nothing appended: nothing.
+        log.append([ev.insert("3", "cy", "b3")])
+        conn.rollback()
+        log.append([], commit=True)
+        assert _payloads(listener) == []
+
+
+def test_a_long_schema_name_is_announced_on_its_hashed_channel(db: Database) -> None:
+    schema = "é" * 31  # 62 bytes: "<schema>_changes" would be too long a channel name
+    with db.connect() as c:
+        migrations.install(c, schema)
+    with _listener(db, schema) as listener, db.connect() as conn:
+        ChangeLog(conn, schema).append([Events().insert("1", "ann", "b1")])
+        assert _payloads(listener) == [ChangeLog(conn, schema).last_id()]
+
+
+def test_concurrent_appenders_make_ids_visible_in_order(db: Database) -> None:
+    """Two appenders in slow, interleaved transactions; a reader tailing ``id > last``
+    must see every event exactly once, in id order, and a LISTENer one wake-up per
+    transaction, after it committed."""
+    with db.connect() as c:
+        migrations.install(c, SCHEMA)
+    appended: dict[str, list[str]] = {"a": [], "b": []}
+    seen: list[StoredEvent] = []
+    with db.connect() as reader:
+        tail = ChangeLog(reader, SCHEMA)
+
+        def poll() -> None:
+            last = seen[-1].id if seen else 0
+            for stored in tail.read(after_id=last, limit=100_000):
+                assert stored.id > last
+                seen.append(stored)
+                last = stored.id
+
+        # The plain case, step by step: A appends and stays open; B appends and commits.
+        a, b = db.connect(autocommit=False), db.connect(autocommit=False)
+        with a, b, _listener(db) as listener:
+            ev_a, ev_b = Events("a"), Events("b")
+            ev_b.n = 100
+            # The shape committed first: B must not wait for A's new shape row instead.
+            ChangeLog(a, SCHEMA).append([ev_a.insert("0", "a", "a")])
+            a.commit()
+            poll()
+            assert _payloads(listener) == [seen[0].id]
+            first = [ev_a.insert(str(i), "a", "a") for i in range(3)]
+            ChangeLog(a, SCHEMA).append(first)
+            second = [ev_b.insert(str(i), "b", "b") for i in range(3)]
+
+            def b_appends() -> None:
+                ChangeLog(b, SCHEMA).append(second)
+                b.commit()
+
+            other = threading.Thread(target=b_appends)
+            other.start()
+            other.join(0.5)
+            poll()  # B must not be visible yet: A's lower ids are still to commit
+            early = _payloads(listener, 0.1)
+            a.commit()
+            other.join(10)
+            poll()
+            assert [s.event.event_id for s in seen[1:]] == [e.event_id for e in first + second]
+            assert early == []
+            assert _payloads(listener) == [seen[3].id, seen[6].id]
+
+        # And under load: many short transactions from both sides, mixing direct COPYs and
+        # staged batches, each held open a random moment before it commits.
+        failures: list[BaseException] = []
+        notified: list[int] = []
+        txn_max: list[int] = []
+
+        def appender(name: str, seed: int) -> None:
+            rng = random.Random(seed)
+            ev = Events(f"w{name}")
+            ev.n = 10_000 * seed
+            try:
+                with db.connect(autocommit=False) as conn:
+                    log = ChangeLog(conn, SCHEMA)
+                    for t in range(25):
+                        batch = [ev.insert(f"{t}.{i}", name, "x") for i in range(rng.randint(1, 5))]
+                        if rng.random() < 0.4:
+                            batch.append(ev.update(f"{t}.0", name + "!", "x"))
+                        log.append(batch)
+                        time.sleep(rng.uniform(0, 0.02))
+                        conn.commit()
+                        appended[name] += [e.event_id for e in batch]
+                        txn_max.append(max(tail_ids(conn, batch)))
+            except BaseException as e:  # reported by the main thread
+                failures.append(e)
+
+        def tail_ids(conn: psycopg.Connection[Any], batch: list[ChangeEvent]) -> list[int]:
+            rows = conn.execute(
+                b"SELECT id FROM pgherald.events WHERE event_id = ANY(%s)",
+                ([e.event_id for e in batch],),
+            ).fetchall()
+            conn.commit()
+            return [int(r[0]) for r in rows]
+
+        with _listener(db) as listener:
+            threads = [
+                threading.Thread(target=appender, args=(n, i + 1)) for i, n in enumerate("ab")
+            ]
+            for t in threads:
+                t.start()
+            while any(t.is_alive() for t in threads):
+                poll()
+                notified.extend(_payloads(listener, 0.005))
+            for t in threads:
+                t.join()
+            poll()
+            notified.extend(_payloads(listener))
+        assert not failures, failures
+        got = [s.event.event_id for s in seen[7:]]
+        assert sorted(got) == sorted(appended["a"] + appended["b"]), "each event exactly once"
+        assert len(got) == len(set(got))
+        assert [s.id for s in seen] == sorted(s.id for s in seen)
+        assert notified == sorted(txn_max), "one wake-up per transaction, in commit order"

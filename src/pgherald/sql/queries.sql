@@ -37,6 +37,20 @@ INSERT INTO schema_version (version) VALUES (%(version)s)
 
 -- Change log: append --------------------------------------------------------------
 
+-- name: append_lock
+-- Appenders take turns, each until its transaction ends, so that events.id (a sequence)
+-- becomes visible in order: a reader that tails with `id > last_seen` never sees an id
+-- while a lower one is still to commit. Keyed on the store's schema (the search path is
+-- the store's when this runs), so separate stores in one database do not wait for each
+-- other. Anything else that inserts into events must take it too.
+SELECT pg_advisory_xact_lock(hashtext('pgherald.changelog:' || current_schema()))
+
+-- name: notify_appended
+-- Wakes tailing readers when the transaction commits (LISTEN on the channel that
+-- changelog.changes_channel names): the payload is the highest id in the log, which under
+-- append_lock is the highest this transaction appended, every lower one being visible.
+SELECT pg_notify(%(channel)s, max(id)::text) FROM events HAVING max(id) IS NOT NULL
+
 -- name: create_stage
 -- The staging table that COPY fills. Temporary, so every connection has its own;
 -- ON COMMIT DELETE ROWS empties it cheaply, the DELETE covers two appends in one
@@ -366,7 +380,8 @@ COPY events (
 ) FROM STDIN
 
 -- name: direct_end
--- Sent in a pipeline with restore_search_path (and the caller's statements).
+-- Sent in a pipeline with restore_search_path (and the caller's statements); a COMMIT
+-- that ends the pipeline releases the savepoint itself.
 RELEASE SAVEPOINT pgherald_append
 
 -- name: direct_undo

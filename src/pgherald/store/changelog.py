@@ -262,17 +262,43 @@ Statement = tuple[LiteralString, Mapping[str, Any]]
 """A store query and its parameters, for ``ChangeLog.append(then=...)``."""
 
 
+_NOTIFY_MAX_BYTES: Final = 63  # PostgreSQL's limit for a channel name (NAMEDATALEN - 1)
+
+
+def changes_channel(schema: str) -> str:
+    """The NOTIFY channel on which the change log of store ``schema`` announces appends.
+
+    ``LISTEN`` on it (quoted as an identifier) to tail the log without polling: each
+    transaction that appended sends one notification when it commits, whose payload is
+    the highest log id it appended (as text). It only wakes readers up; they read
+    ``id > last_seen`` as always, which the append lock keeps gap-free. The channel is
+    ``<schema>_changes``, or a digest of the schema's name where that would be too long.
+    """
+    check_schema_name(schema)
+    channel = f"{schema}_changes"
+    if len(channel.encode("utf-8")) <= _NOTIFY_MAX_BYTES:
+        return channel
+    return "pgherald_changes_" + hashlib.sha256(schema.encode("utf-8")).hexdigest()[:16]
+
+
+_LOCK_AND_STAGE: Final = query("append_lock") + ";\n" + query("create_stage")
+_LOCK_AND_SAVEPOINT: Final = query("append_lock") + ";\n" + query("direct_begin")
+
+
 def _finish(
     conn: psycopg.Connection[Any],
     then: Sequence[Statement],
     commit: bool,
+    notify: str | None = None,
     restore: LiteralString = query("restore_search_path"),
 ) -> None:
     """The end of an append's last pipeline: the caller's statements (with the store's
-    search path), then the path put back, or the transaction committed, which puts back
-    everything set locally anyway."""
+    search path), the wake-up NOTIFY on channel ``notify`` if any, then the path put back,
+    or the transaction committed, which puts back everything set locally anyway."""
     for statement in then:
         conn.execute(*statement)
+    if notify is not None:
+        conn.execute(query("notify_appended"), {"channel": notify})
     if commit:
         conn.commit()
     else:
@@ -296,6 +322,8 @@ class ChangeLog:
         self._shapes_by_obj: dict[int, _ShapeInfo] = {}
         self._committed_shape_ids: dict[str, str] = {}  # digest -> id, seen committed
         self._shapes_by_id: dict[int, RowShape] = {}
+        self.channel = changes_channel(schema)
+        self._unannounced = False  # appended with notify=False since the last NOTIFY
 
     # -- appending ---------------------------------------------------------------------
 
@@ -389,7 +417,11 @@ class ChangeLog:
         return line, fill, moved_from, moved_from is not None and bool(unchanged)
 
     def append(
-        self, events: Sequence[ChangeEvent], then: Sequence[Statement] = (), commit: bool = False
+        self,
+        events: Sequence[ChangeEvent],
+        then: Sequence[Statement] = (),
+        commit: bool = False,
+        notify: bool = True,
     ) -> int:
         """Stores a batch in the caller's transaction (never commits); returns how many were new.
 
@@ -418,13 +450,25 @@ class ChangeLog:
         statements, and ``commit`` ends the caller's transaction there too: logical
         capture stores a batch, its checkpoint and its COMMIT without a round trip of
         their own. ``commit`` needs a connection that is not in autocommit mode.
+
+        Ids become visible in order: an append holds the store's append lock (a
+        transaction-level advisory lock) from before it assigns ids until its transaction
+        ends, so appenders in concurrent transactions take turns, and a reader that tails
+        with ``id > last_seen`` misses nothing. Keep appending transactions short.
+
+        ``notify`` sends the wake-up NOTIFY (``changes_channel``), delivered at commit, for
+        what this transaction appended. A transaction that appends several times should
+        pass ``notify=False`` to all but its last append (one with ``commit=True`` does
+        for all), so that it sends one notification, not one per batch.
         """
+        announce = self.channel if notify and (events or self._unannounced) else None
         if not events:
-            if then or commit:
+            if then or commit or announce:
                 with self.conn.pipeline():
                     for statement in enter_statements(self.conn, self.schema):
                         self.conn.execute(*statement)
-                    _finish(self.conn, then, commit)
+                    _finish(self.conn, then, commit, announce)
+                self._unannounced = False
             return 0
         seen: set[str] = set()
         batch: list[ChangeEvent] = []
@@ -433,14 +477,20 @@ class ChangeLog:
                 seen.add(e.event_id)
                 batch.append(e)
         with store_errors(self.schema), transaction_for(self.conn):
+            stored: int | None = None
             if not any(e.op == "update" for e in batch):
-                stored = self._append_direct(batch, then, commit)
-                if stored is not None:
-                    return stored
-            return self._append_staged(batch, then, commit)
+                stored = self._append_direct(batch, then, commit, announce)
+            if stored is None:
+                stored = self._append_staged(batch, then, commit, announce)
+        self._unannounced = announce is None
+        return stored
 
     def _append_staged(
-        self, batch: list[ChangeEvent], then: Sequence[Statement], commit: bool
+        self,
+        batch: list[ChangeEvent],
+        then: Sequence[Statement],
+        commit: bool,
+        notify: str | None,
     ) -> int:
         """The general path: staging table, filling, ``INSERT ... ON CONFLICT DO NOTHING``."""
         conn = self.conn
@@ -450,7 +500,7 @@ class ChangeLog:
         # which may be another such update of this batch: one pass per link of the chain.
         moves: dict[tuple[str, str], int] = {}  # (watch, row key) -> links of moves into it
         move_passes = 0
-        conn.execute(enter_sql(self.schema, query("create_stage")))
+        conn.execute(enter_sql(self.schema, _LOCK_AND_STAGE))
         with conn.cursor() as cur, cur.copy(query("copy_stage")) as copy:
             chunk: list[str] = []
             for ord_, e in enumerate(batch):
@@ -482,19 +532,24 @@ class ChangeLog:
                 conn.execute(query("fill_from_log"))
             counted = conn.cursor(row_factory=tuple_row)
             counted.execute(query("insert_events"))
-            _finish(conn, then, commit, restore=query("finish_append"))
+            _finish(conn, then, commit, notify, restore=query("finish_append"))
         result = counted.fetchone()
         return int(result[0]) if result else 0
 
     def _append_direct(
-        self, batch: list[ChangeEvent], then: Sequence[Statement], commit: bool
+        self,
+        batch: list[ChangeEvent],
+        then: Sequence[Statement],
+        commit: bool,
+        notify: str | None,
     ) -> int | None:
         """COPYs a batch without updates straight into ``events``; ``None`` if one was there.
 
-        Three round trips whatever the batch's size: one pipeline (enter the schema, set a
-        savepoint, store the batch's shapes and learn their ids), COPY, and one pipeline
-        to release the savepoint (with ``then``). Round trips count: a busy server answers
-        each after its run queue.
+        Three round trips whatever the batch's size: one pipeline (enter the schema, take
+        the append lock, set a savepoint, store the batch's shapes and learn their ids),
+        COPY, and one pipeline to release the savepoint (with ``then``, the NOTIFY and the
+        COMMIT, which releases it anyway). Round trips count: a busy server answers each
+        after its run queue.
 
         Shape ids that this connection saw committed (``commit=True``) are remembered, so
         that the usual batch, whose shapes are all known, skips storing and looking them
@@ -515,12 +570,13 @@ class ChangeLog:
         if all(digest in known for digest in by_digest):
             # One simple query, no pipeline: psycopg's pipeline machinery costs more client
             # CPU than the statements cost the server, and this runs for every batch.
-            conn.execute(enter_sql(self.schema, query("direct_begin")))
+            conn.execute(enter_sql(self.schema, _LOCK_AND_SAVEPOINT))
             ids_by_digest = {digest: known[digest] for digest in by_digest}
         else:
             with conn.pipeline():
                 for statement in enter_statements(conn, self.schema):
                     conn.execute(*statement)
+                conn.execute(query("append_lock"))
                 conn.execute(query("direct_begin"))
                 conn.execute(
                     query("upsert_shapes"),
@@ -542,8 +598,9 @@ class ChangeLog:
             known.clear()
             return None
         with conn.pipeline():
-            conn.execute(query("direct_end"))
-            _finish(conn, then, commit)
+            if not commit:
+                conn.execute(query("direct_end"))
+            _finish(conn, then, commit, notify)
         if commit:
             known.update(ids_by_digest)
         return len(batch)
@@ -670,6 +727,7 @@ __all__ = [
     "ChangeLog",
     "Statement",
     "StoredEvent",
+    "changes_channel",
     "enter_statements",
     "row_key_of",
     "shape_digest",
