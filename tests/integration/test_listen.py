@@ -488,6 +488,35 @@ def test_close_ends_loops_and_the_session(db: Database) -> None:
     run(scenario)
 
 
+def test_close_still_delivers_what_was_received(db: Database) -> None:
+    async def scenario() -> None:
+        calls: list[str] = []
+        listener = Listener(db.dsn, ["held"])
+        loop_saw: list[str] = []
+
+        async def slow(n: Notification) -> None:
+            calls.append(n.payload)
+            await asyncio.sleep(0.05)
+
+        async def consume() -> None:
+            async for n in listener:
+                loop_saw.append(n.payload)
+
+        listener.add_callback(slow)
+        async with listener, await sender(db.dsn) as conn:
+            consumer = asyncio.create_task(consume())
+            await asyncio.sleep(0.1)
+            async with conn.transaction():
+                for i in range(5):
+                    await notify(conn, "held", str(i))
+            await until(lambda: len(calls) == 1, "the first callback")
+            # Closed while four notifications still wait for the slow callback.
+        await consumer
+        assert calls == loop_saw == ["0", "1", "2", "3", "4"]
+
+    run(scenario)
+
+
 # -- reconnection ----------------------------------------------------------------------------
 
 

@@ -181,6 +181,7 @@ class Listener:
         self._paused = False
         self._supervisor: asyncio.Task[None] | None = None
         self._dispatcher: asyncio.Task[None] | None = None
+        self._dispatch_done = False
         self._started = False
         self._closing = False
         self._failure: BaseException | None = None
@@ -240,6 +241,8 @@ class Listener:
     def _check_usable(self) -> None:
         if self._closing:
             raise PgHeraldError("this listener is closed")
+        if self._failure is not None:
+            raise CaptureError(f"the listener stopped: {self._failure!r}")
 
     async def _apply(self, channel: str) -> None:
         if self._supervisor is None or self._conn is None:
@@ -326,8 +329,13 @@ class Listener:
 
     @property
     def _finished(self) -> bool:
-        """No more notifications will come: closed, or failed."""
+        """No more notifications will be read: closed, or failed."""
         return self._closing or self._failure is not None
+
+    @property
+    def _all_delivered(self) -> bool:
+        """Finished, and the dispatcher has handed out everything it had."""
+        return self._finished and (self._dispatcher is None or self._dispatch_done)
 
     # -- the connection ---------------------------------------------------------------------
 
@@ -496,23 +504,28 @@ class Listener:
     # -- delivery ---------------------------------------------------------------------------
 
     async def _dispatch(self) -> None:
-        while True:
-            while not self._incoming:
-                if self._finished:
-                    return
-                self._has_incoming.clear()
-                await self._has_incoming.wait()
-            item = self._incoming.popleft()
-            if self._paused and len(self._incoming) <= self._max_pending // 2:
-                self._paused = False
-                self._wake.set()
-            if isinstance(item, _Reconnected):
-                await self._call("on_reconnect", self._on_reconnect)
-                continue
+        try:
+            while True:
+                while not self._incoming:
+                    if self._finished:
+                        return
+                    self._has_incoming.clear()
+                    await self._has_incoming.wait()
+                item = self._incoming.popleft()
+                if self._paused and len(self._incoming) <= self._max_pending // 2:
+                    self._paused = False
+                    self._wake.set()
+                if isinstance(item, _Reconnected):
+                    await self._call("on_reconnect", self._on_reconnect)
+                    continue
+                for subscription in list(self._subscriptions):
+                    await subscription.put(item)
+                for callback in list(self._callbacks):
+                    await self._call("callback", callback, item)
+        finally:
+            self._dispatch_done = True
             for subscription in list(self._subscriptions):
-                await subscription.put(item)
-            for callback in list(self._callbacks):
-                await self._call("callback", callback, item)
+                subscription.wake()
 
     async def _call(self, what: str, function: Callable[..., object] | None, *args: object) -> None:
         if function is None:
@@ -526,7 +539,7 @@ class Listener:
 
 
 class _Subscription:
-    """One ``async for`` loop's share of the notifications."""
+    """What one ``async for`` loop has yet to see."""
 
     def __init__(self, listener: Listener, limit: int) -> None:
         self._listener = listener
@@ -539,7 +552,7 @@ class _Subscription:
 
     async def __anext__(self) -> Notification:
         while not self._items:
-            if self._listener._finished:
+            if self._listener._all_delivered:
                 failure = self._listener._failure
                 if failure is not None:
                     raise CaptureError(f"the listener stopped: {failure!r}") from failure
