@@ -303,8 +303,8 @@ def capture_problem(capture: app.Capture) -> str | None:
     """For ``catch_up(alive=...)`` with an in-process capture."""
     if capture.errors:
         return repr(capture.errors[0])
-    if not capture.thread.is_alive():
-        return "the capture thread ended"
+    if not all(t.is_alive() for t in capture.threads):
+        return "a capture thread ended"
     return None
 
 

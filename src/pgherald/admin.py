@@ -26,7 +26,8 @@ from psycopg import sql
 from pgherald.config import TABLE_METHODS, Settings, TableMethod, WatchSpec
 from pgherald.db.connect import connect
 from pgherald.errors import CaptureError, ConfigError, SchemaError, WatchError
-from pgherald.sources import logical_admin
+from pgherald.methods import choose_method
+from pgherald.sources import logical_admin, trigger_admin
 from pgherald.sources.logical import checkpoint_name
 from pgherald.store import checkpoints, migrations
 from pgherald.store import watches as registry
@@ -36,7 +37,7 @@ from pgherald.store.watches import Watch
 NAME_LIMIT: Final = 63
 """PostgreSQL truncates longer identifiers (NAMEDATALEN - 1 bytes)."""
 
-AVAILABLE_METHODS: Final[tuple[str, ...]] = ("logical",)
+AVAILABLE_METHODS: Final[tuple[str, ...]] = ("auto", "logical", "trigger")
 """Capture methods this version can run; the others are accepted by the parser but refused."""
 
 _UNQUOTED: Final = re.compile(r"[A-Za-z_\u0080-\U0010ffff][A-Za-z0-9_$\u0080-\U0010ffff]*")
@@ -534,6 +535,18 @@ def _add_watch(
             f"capture method {method!r} is not available in this version of pgherald;"
             f" use {' or '.join(AVAILABLE_METHODS)}"
         )
+    notes: list[str] = []
+    if method == "auto":
+        choice = choose_method(conn, settings.slot)
+        method = choice.method
+        notes.append(choice.explain())
+    if method == "trigger" and replica_identity_full:
+        raise WatchError(
+            "--replica-identity-full is for logical capture; trigger capture always has"
+            " whole old rows"
+        )
+    if method == "trigger" and snapshot:
+        raise WatchError("--snapshot is for logical capture; trigger capture starts from now")
     info = table_info(conn, schema_name, table_name)
     if info.kind not in ("r", "p"):
         raise WatchError(
@@ -578,7 +591,6 @@ def _add_watch(
                 f"table {info.shown} is already watched by {other.name!r} with {method} capture"
             )
 
-    notes: list[str] = []
     identity = info.replica_identity
     if method == "logical":
         if replica_identity_full and identity != "full":
@@ -618,8 +630,38 @@ def _add_watch(
     registry.add_watch(conn, settings.schema, watch)
     if method == "logical":
         _sync_publication(conn, settings)
+    if method == "trigger":
+        _install_triggers(conn, settings, watch, info)
+        notes.append(
+            f"capture triggers installed on {info.shown}: changes are queued from now on, in"
+            " the writers' own transactions; updates carry whole old rows"
+        )
     stored = registry.get_watch(conn, settings.schema, watch_name)
     return AddedWatch(stored or watch, identity, tuple(notes))
+
+
+def _install_triggers(
+    conn: psycopg.Connection[Any], settings: Settings, watch: Watch, info: TableInfo
+) -> None:
+    watched = None
+    if watch.columns is not None:
+        wanted = set(watch.columns) | set(watch.key_columns)
+        watched = [c for c in info.columns if c in wanted]
+    try:
+        trigger_admin.install_triggers(
+            conn,
+            settings.schema,
+            watch.name,
+            watch.schema_name or "",
+            watch.table_name or "",
+            ignore_columns=watch.ignore_columns,
+            watched_columns=watched,
+        )
+    except psycopg.errors.InsufficientPrivilege as e:
+        raise WatchError(
+            f"cannot create triggers on {info.shown}: {e.diag.message_primary}"
+            " (trigger capture needs the table's owner, or a role with the TRIGGER privilege)"
+        ) from None
 
 
 def _identity_notes(info: TableInfo, identity: str) -> list[str]:
@@ -701,6 +743,11 @@ def remove_watch(settings: Settings, name: str) -> Watch:
             if watch is None:
                 raise WatchError(f"no watch named {name!r} (see `pgherald watch list`)")
             registry.remove_watch(conn, settings.schema, name)
+            if watch.method == "trigger" and watch.schema_name and watch.table_name:
+                trigger_admin.remove_triggers(
+                    conn, settings.schema, watch.schema_name, watch.table_name
+                )
+                trigger_admin.forget_queued(conn, settings.schema, watch.name)
             if logical_admin.publication_exists(conn, settings.publication):
                 _sync_publication(conn, settings)
         conn.commit()

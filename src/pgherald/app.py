@@ -26,6 +26,8 @@ from pgherald.sources.logical import (
     LogicalWatch,
     checkpoint_name,
 )
+from pgherald.sources.trigger import TriggerSettings, TriggerSource, TriggerWatch
+from pgherald.sources.trigger import checkpoint_name as trigger_checkpoint_name
 from pgherald.store import checkpoints, migrations, watches
 from pgherald.store.changelog import ChangeLog, Statement
 from pgherald.store.queries import query
@@ -119,6 +121,11 @@ class ChangeLogSink:
             except psycopg.Error:
                 self._conn.close()
 
+    def connection(self) -> psycopg.Connection[Any]:
+        """The store connection, for a source that claims its input in the same transaction
+        as it stores it (the trigger queue)."""
+        return self._connection()
+
     def checkpoint(self, name: str | None = None) -> str | None:
         conn = self._connection()
         position = checkpoints.load_checkpoint(conn, self.schema, name or self.source)
@@ -179,50 +186,155 @@ def build_logical_source(settings: Settings, resync: bool = False) -> LogicalSou
     )
 
 
-def run(settings: Settings, stop: threading.Event, resync: bool = False) -> None:
-    """Captures the configured watches into the change log until ``stop`` is set."""
-    source = build_logical_source(settings, resync=resync)
+def trigger_watches(settings: Settings) -> list[TriggerWatch]:
+    with connect(settings, autocommit=True) as conn:
+        migrations.require_current(conn, settings.schema)
+        found = [w for w in watches.list_watches(conn, settings.schema) if w.method == "trigger"]
+    return [
+        TriggerWatch(
+            name=w.name,
+            schema=w.schema_name or "",
+            table=w.table_name or "",
+            key_columns=tuple(w.key_columns or ()),
+            columns=tuple(w.columns) if w.columns else None,
+            ignore_columns=tuple(w.ignore_columns or ()),
+        )
+        for w in found
+        if w.enabled and w.schema_name and w.table_name
+    ]
+
+
+def build_trigger_source(settings: Settings) -> TriggerSource:
+    """The trigger source of these settings, knowing each watch's last stored shape (so a
+    column added while pgherald was down gets its schema event)."""
+    found = trigger_watches(settings)
+    with connect(settings, autocommit=True) as conn:
+        changelog = ChangeLog(conn, settings.schema)
+        shapes = {w.name: s for w in found if (s := changelog.last_shape(w.name)) is not None}
+    return TriggerSource(
+        TriggerSettings(
+            dsn=settings.dsn,
+            store=settings.schema,
+            batch_size=max(settings.batch_size, 1),
+        ),
+        found,
+        known_shapes=shapes,
+        reload=lambda: trigger_watches(settings),
+    )
+
+
+def trigger_source_name(settings: Settings) -> str:
+    return trigger_checkpoint_name(settings.schema)
+
+
+class _SourceThread(threading.Thread):
+    """Runs one source until ``stop``; what ended it is kept for whoever joins."""
+
+    def __init__(self, name: str, target: Any, stop: threading.Event) -> None:
+        super().__init__(name=name, daemon=True)
+        self._run_source = target
+        self.stop = stop
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            self._run_source()
+        except BaseException as e:  # handed to whoever joins
+            self.error = e
+            self.stop.set()
+
+
+def _run_logical(settings: Settings, source: LogicalSource, stop: threading.Event) -> None:
     sink = ChangeLogSink(settings.dsn, settings.schema, logical_source_name(settings))
     try:
-        log.info("capturing %d watch(es) from %s", len(source.watches), settings.redacted_dsn())
         source.run(sink, stop)
     finally:
         sink.close()
 
 
-class Capture:
-    """Logical capture in a background thread, for the demo, the Python API and tests.
+def _run_trigger(settings: Settings, source: TriggerSource, stop: threading.Event) -> None:
+    sink = ChangeLogSink(settings.dsn, settings.schema, trigger_source_name(settings))
+    try:
+        source.run(sink, stop)
+    finally:
+        sink.close()
 
-    ``errors`` holds what ended the thread, so the caller can report it.
+
+def run(settings: Settings, stop: threading.Event, resync: bool = False) -> None:
+    """Captures the configured watches into the change log until ``stop`` is set.
+
+    Each capture method with watches runs in a thread of its own; the first one to fail
+    stops the others, and its error is raised here.
+    """
+    capture = Capture(settings, resync=resync, stop=stop)
+    log.info("capturing %s from %s", capture.describe(), settings.redacted_dsn())
+    capture.start()
+    try:
+        while not stop.wait(0.5):
+            pass
+    finally:
+        capture.close(timeout=30.0)
+
+
+class Capture:
+    """Capture in background threads (one per method with watches), for ``run``, the demo,
+    the Python API and tests. ``errors`` holds what ended a thread, so callers can report it.
     """
 
-    def __init__(self, settings: Settings, resync: bool = False) -> None:
+    def __init__(
+        self, settings: Settings, resync: bool = False, stop: threading.Event | None = None
+    ) -> None:
         self.settings = settings
-        self.source = build_logical_source(settings, resync=resync)
-        self.stop = threading.Event()
-        self.errors: list[BaseException] = []
-        self.thread = threading.Thread(target=self._target, name="pgherald-capture", daemon=True)
-
-    def _target(self) -> None:
-        sink = ChangeLogSink(
-            self.settings.dsn, self.settings.schema, logical_source_name(self.settings)
+        self.stop = stop or threading.Event()
+        logical = logical_watches(settings)
+        triggered = trigger_watches(settings)
+        if not logical and not triggered:
+            raise ConfigError("no watches: add one with `pgherald watch add SCHEMA.TABLE`")
+        self.source: LogicalSource | None = (
+            build_logical_source(settings, resync=resync) if logical else None
         )
-        try:
-            self.source.run(sink, self.stop)
-        except BaseException as e:  # handed to whoever joins
-            self.errors.append(e)
-            self.stop.set()
-        finally:
-            sink.close()
+        self.trigger: TriggerSource | None = build_trigger_source(settings) if triggered else None
+        self.threads: list[_SourceThread] = []
+        if self.source is not None:
+            source = self.source
+            self.threads.append(
+                _SourceThread(
+                    "pgherald-logical", lambda: _run_logical(settings, source, self.stop), self.stop
+                )
+            )
+        if self.trigger is not None:
+            trigger = self.trigger
+            self.threads.append(
+                _SourceThread(
+                    "pgherald-trigger",
+                    lambda: _run_trigger(settings, trigger, self.stop),
+                    self.stop,
+                )
+            )
+
+    @property
+    def errors(self) -> list[BaseException]:
+        """What ended a source thread (empty while all run)."""
+        return [t.error for t in self.threads if t.error is not None]
+
+    def describe(self) -> str:
+        parts = []
+        if self.source is not None:
+            parts.append(f"{len(self.source.watches)} logical watch(es)")
+        if self.trigger is not None:
+            parts.append(f"{len(self.trigger.watches)} trigger watch(es)")
+        return " and ".join(parts)
 
     def start(self) -> Capture:
-        self.thread.start()
+        for t in self.threads:
+            t.start()
         return self
 
     def wait_ready(self, timeout: float = 30.0) -> None:
-        """Returns once the replication stream is open; raises what stopped it otherwise."""
+        """Returns once every source is connected; raises what stopped one otherwise."""
         deadline = time.monotonic() + timeout
-        while not self.source.connected.wait(0.05):
+        events = [s.connected for s in (self.source, self.trigger) if s is not None]
+        while not all(e.wait(0.05) for e in events):
             if self.errors:
                 raise self.errors[0]
             if time.monotonic() > deadline:
@@ -230,6 +342,7 @@ class Capture:
 
     def close(self, timeout: float = 10.0) -> None:
         self.stop.set()
-        self.thread.join(timeout)
+        for t in self.threads:
+            t.join(timeout)
         if self.errors:
             raise self.errors[0]

@@ -24,8 +24,9 @@ from typing import Any, Final, Literal, cast, get_args
 from pgherald.db.connect import parse_dsn, redact_dsn
 from pgherald.errors import ConfigError
 
-TableMethod = Literal["logical", "trigger", "snapshot"]
-"""Capture methods that watch a table (``listen`` watches channels, not tables)."""
+TableMethod = Literal["auto", "logical", "trigger", "snapshot"]
+"""Capture methods that watch a table (``listen`` watches channels, not tables); ``auto``
+means logical where the server and the role allow it, else trigger, decided at ``watch add``."""
 
 TABLE_METHODS: Final[tuple[str, ...]] = get_args(TableMethod)
 LOG_LEVELS: Final[tuple[str, ...]] = ("debug", "info", "warning", "error")
@@ -65,7 +66,7 @@ class Settings:
     schema: str = "pgherald"
     slot: str = "pgherald"
     publication: str = "pgherald"
-    method: TableMethod = "logical"
+    method: TableMethod = "auto"
     batch_size: int = 1000
     batch_interval: float = 0.2
     log_level: str = "info"

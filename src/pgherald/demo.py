@@ -340,11 +340,7 @@ def main(
             stop.wait(min(0.1, max(0.0, next_step - time.monotonic())))
         # Let capture catch up with everything committed before stopping it.
         settle = time.monotonic() + 10
-        while (
-            shown < len(workload.committed)
-            and time.monotonic() < settle
-            and capture.thread.is_alive()
-        ):
+        while shown < len(workload.committed) and time.monotonic() < settle and not capture.errors:
             for stored in changelog.read(after_id=last_id, limit=500):
                 last_id = stored.id
                 print(describe(stored.event), file=out, flush=True)

@@ -19,6 +19,7 @@ from pgherald.admin import AVAILABLE_METHODS, default_watch_name, parse_table_na
 from pgherald.config import TABLE_METHODS, Settings
 from pgherald.db.connect import connect
 from pgherald.errors import PgHeraldError
+from pgherald.methods import choose_method
 from pgherald.sources import logical_admin
 from pgherald.store import migrations
 from pgherald.store import watches as registry
@@ -61,6 +62,8 @@ class DoctorReport:
     server_version: str
     checks: tuple[Check, ...]
     methods: tuple[MethodVerdict, ...]
+    auto: str = ""
+    """What ``method = "auto"`` picks on this database, and why (``methods.choose_method``)."""
 
     @property
     def usable_methods(self) -> tuple[str, ...]:
@@ -380,9 +383,9 @@ def _table_check(t: _Table, facts: _Facts) -> Check:
         parts.append(
             f"not owned by {facts.user!r}" + (" (has TRIGGER privilege)" if t.can_trigger else "")
         )
-        if t.method == "logical" and not t.published:
+        if t.method in ("logical", "auto") and not t.published:
             status = "warn"
-        if t.method == "trigger" and not t.can_trigger:
+        if t.method in ("trigger", "auto") and not t.can_trigger:
             status = "warn"
     parts.append(f"replica identity {t.replica_identity}")
     if not t.has_primary_key:
@@ -439,7 +442,7 @@ def _verdicts(facts: _Facts, settings: Settings) -> list[MethodVerdict]:
         logical += [
             f"role does not own {t.shown} (needed to publish it)"
             for t in facts.tables
-            if t.exists and t.method == "logical" and not t.owned and not t.published
+            if t.exists and t.method in ("logical", "auto") and not t.owned and not t.published
         ]
 
     trigger = list(store)
@@ -447,7 +450,7 @@ def _verdicts(facts: _Facts, settings: Settings) -> list[MethodVerdict]:
         trigger += [
             f"no TRIGGER privilege on {t.shown}"
             for t in facts.tables
-            if t.exists and t.method == "trigger" and not (t.owned or t.can_trigger)
+            if t.exists and t.method in ("trigger", "auto") and not (t.owned or t.can_trigger)
         ]
 
     snapshot = list(store)
@@ -466,6 +469,7 @@ def _verdicts(facts: _Facts, settings: Settings) -> list[MethodVerdict]:
             available=method in AVAILABLE_METHODS,
         )
         for method in TABLE_METHODS
+        if method != "auto"
     ]
 
 
@@ -473,12 +477,14 @@ def diagnose(settings: Settings) -> DoctorReport:
     """Connects, looks, and concludes; raises ``ConnectionFailed`` when it cannot connect."""
     with connect(settings, autocommit=True) as conn:
         facts = _gather(conn, settings)
+        auto = choose_method(conn, settings.slot).explain()
     target = f"{settings.redacted_dsn()} (database {facts.database!r}, user {facts.user!r})"
     return DoctorReport(
         target=target,
         server_version=facts.version,
         checks=tuple(_checks(facts, settings)),
         methods=tuple(_verdicts(facts, settings)),
+        auto=auto,
     )
 
 
@@ -497,6 +503,8 @@ def render(report: DoctorReport) -> Sequence[str]:
             )
         else:
             lines.append(f"  {m.method}: not possible: {'; '.join(m.reasons)}")
+    if report.auto:
+        lines.append(f"  {report.auto}")
     if report.ok:
         lines.append(f"conclusion: capture can use {', '.join(report.usable_methods)}")
     else:

@@ -337,7 +337,7 @@ def test_bad_watch_input_changes_nothing(app_db: Database) -> None:
         (("watch", "add", "employees"), "exists already"),
         (("watch", "add", "projects", "--columns", "code,"), "cannot read column list"),
         (("watch", "add", "my table"), "double quotes"),
-        (("watch", "add", "projects", "--method", "trigger"), "not available"),
+        (("watch", "add", "projects", "--method", "snapshot"), "not available"),
         (("watch", "remove", "ghost"), "no watch named 'ghost'"),
     ]
     for args, fragment in cases:
@@ -386,7 +386,7 @@ def test_older_store_version(app_db: Database) -> None:
     assert_ok(cli("watch", "add", "employees", dsn=dsn))
     latest = migrations.LATEST_VERSION
     app_db.execute("DELETE FROM pgherald.schema_version WHERE version = %s", (latest,))
-    app_db.execute("INSERT INTO pgherald.schema_version (version) VALUES (%s)", (latest - 1,))
+    app_db.execute("DELETE FROM pgherald.schema_version WHERE version > %s", (latest - 1,))
     before = catalog_snapshot(app_db)
     for args in (
         ("watch", "add", "projects"),
@@ -437,9 +437,12 @@ def test_doctor(db: Database, plain_role: str) -> None:
     good = assert_ok(cli("doctor", dsn=db.dsn))
     assert good.lines[0].startswith("pgherald doctor: ")
     assert "  logical: possible" in good.lines
-    assert good.lines[-1] == "conclusion: capture can use logical"
+    assert "  trigger: possible" in good.lines
+    assert any(line.startswith("  auto picks logical capture: ") for line in good.lines)
+    assert good.lines[-1] == "conclusion: capture can use logical, trigger"
     report = json.loads(assert_ok(cli("doctor", "--format", "json", dsn=db.dsn)).stdout)
-    assert report["ok"] is True and report["usable_methods"] == ["logical"]
+    assert report["ok"] is True and report["usable_methods"] == ["logical", "trigger"]
+    assert report["auto"].startswith("auto picks logical capture")
 
     bad = cli("doctor", dsn=db.cluster.dsn(db.name, user=plain_role))
     assert bad.returncode == 1

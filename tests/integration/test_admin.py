@@ -281,7 +281,7 @@ def test_replica_identity_index_gives_the_key(installed: Database) -> None:
             {"table": "employees", "columns": ["name"], "ignore_columns": ["name"]},
             "both in --columns and in --ignore-columns",
         ),
-        ({"table": "employees", "method": "trigger"}, "not available"),
+        ({"table": "employees", "method": "snapshot"}, "not available"),
         ({"table": "employees", "method": "magic"}, "unknown capture method"),
         ({"table": "employees", "name": ""}, "must not be empty"),
         ({"table": "employees", "name": "a\nb"}, "control characters"),
@@ -316,7 +316,7 @@ def test_watch_operations_need_a_current_store(db: Database) -> None:
     admin.init(settings_for(db))
     latest = migrations.LATEST_VERSION
     db.execute("DELETE FROM pgherald.schema_version WHERE version = %s", (latest,))
-    db.execute("INSERT INTO pgherald.schema_version (version) VALUES (%s)", (latest - 1,))
+    db.execute("DELETE FROM pgherald.schema_version WHERE version > %s", (latest - 1,))
     before = snapshot(db)
     for operation in (
         lambda: admin.add_watch(settings_for(db), "t"),
@@ -362,7 +362,7 @@ def test_failure_after_the_watch_is_stored_rolls_everything_back(
     before = snapshot(installed)
     as_role = Settings(dsn=installed.cluster.dsn(installed.name, user=role))
     with pytest.raises(WatchError, match="cannot update publication") as info:
-        admin.add_watch(as_role, "mine", key=["id"], replica_identity_full=True)
+        admin.add_watch(as_role, "mine", key=["id"], replica_identity_full=True, method="logical")
     assert "\n" not in str(info.value)
     assert snapshot(installed) == before
     assert replica_identity(installed, "mine") == "d"
@@ -380,7 +380,7 @@ def test_unowned_table_cannot_get_replica_identity_full(installed: Database, rol
     before = snapshot(installed)
     as_role = Settings(dsn=installed.cluster.dsn(installed.name, user=role))
     with pytest.raises(WatchError, match="only the table's owner"):
-        admin.add_watch(as_role, "employees", replica_identity_full=True)
+        admin.add_watch(as_role, "employees", replica_identity_full=True, method="logical")
     assert snapshot(installed) == before
 
 

@@ -55,11 +55,12 @@ def test_superuser_on_a_logical_server(db: Database) -> None:
     assert check(report, "store").status == "ok"
     assert check(report, "watch 't'").status == "ok"
     assert "replica identity default" in check(report, "watch 't'").detail
-    assert report.usable_methods == ("logical",)
+    assert report.usable_methods == ("logical", "trigger")
+    assert report.auto.startswith("auto picks logical capture: wal_level is 'logical'")
     assert all(c.status != "fail" for c in report.checks)
     as_dict = report.to_dict()
     assert as_dict["ok"] is True
-    assert as_dict["usable_methods"] == ["logical"]
+    assert as_dict["usable_methods"] == ["logical", "trigger"]
 
 
 def test_plain_role_without_create_cannot_capture(db: Database, role: str) -> None:
@@ -86,9 +87,13 @@ def test_role_with_create_but_no_replication(db: Database, role: str) -> None:
     )
     report = doctor.diagnose(Settings(dsn=db.cluster.dsn(db.name, user=role)))
     assert verdict(report, "logical").reasons == (f"role {role!r} has no REPLICATION attribute",)
-    trigger = verdict(report, "trigger")
-    assert trigger.possible and not trigger.usable  # the database allows it; pgherald cannot yet
-    assert verdict(report, "snapshot").possible
+    assert verdict(report, "trigger").usable
+    assert report.auto == (
+        f"auto picks trigger capture: role {role!r} has neither REPLICATION nor superuser"
+    )
+    assert f"  {report.auto}" in doctor.render(report)
+    snapshot = verdict(report, "snapshot")
+    assert snapshot.possible and not snapshot.usable  # the database allows it; pgherald cannot yet
 
 
 def test_replication_role_that_does_not_own_the_watched_table(db: Database, role: str) -> None:
@@ -125,7 +130,7 @@ def test_store_of_an_older_version(db: Database) -> None:
     admin.init(settings)
     latest = migrations.LATEST_VERSION
     db.execute("DELETE FROM pgherald.schema_version WHERE version = %s", (latest,))
-    db.execute("INSERT INTO pgherald.schema_version (version) VALUES (%s)", (latest - 1,))
+    db.execute("DELETE FROM pgherald.schema_version WHERE version > %s", (latest - 1,))
     report = doctor.diagnose(settings)
     store = check(report, "store")
     assert store.status == "fail"
@@ -146,7 +151,8 @@ def test_wal_level_replica_and_no_free_slot(private_cluster: EmbeddedCluster) ->
     assert check(report, "wal_level").status == "warn"
     assert "ALTER SYSTEM SET wal_level = logical" in check(report, "wal_level").detail
     assert check(report, "replication slots").status == "warn"
-    assert not report.ok  # logical is the only method this pgherald can run
+    assert report.usable_methods == ("trigger",)
+    assert report.auto.startswith("auto picks trigger capture: wal_level is 'replica'")
 
 
 def test_existing_slot_of_pgherald_needs_no_free_one(private_cluster: EmbeddedCluster) -> None:

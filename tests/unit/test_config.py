@@ -26,7 +26,7 @@ def test_defaults_without_any_source(tmp_path: Path, monkeypatch: pytest.MonkeyP
         "pgherald",
     )
     assert settings.dsn == ""
-    assert settings.method == "logical"
+    assert settings.method == "auto"
     assert settings.config_file is None
 
 
@@ -127,7 +127,7 @@ snapshot = true
         ("[[watch]]\ncolumns = ['a']\n", "needs table"),
         ('[[watch]]\ntable = "t"\nkey = [1]\n', "key must be a list"),
         ('[[watch]]\ntable = "t"\ncolumns = "a,b"\n', "columns must be a list"),
-        ('[[watch]]\ntable = "t"\nmethod = "magic"\n', "must be one of logical, trigger"),
+        ('[[watch]]\ntable = "t"\nmethod = "magic"\n', "must be one of auto, logical, trigger"),
         ('[[watch]]\ntable = "t"\nsnapshot = "yes"\n', "snapshot must be true or false"),
         ('watch = "t"\n', "array of tables"),
         ("batch_size = 0\n", "at least 1"),
