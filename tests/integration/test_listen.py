@@ -520,6 +520,14 @@ def test_close_still_delivers_what_was_received(db: Database) -> None:
 # -- reconnection ----------------------------------------------------------------------------
 
 
+def test_backoff_doubles_up_to_the_cap_with_jitter() -> None:
+    listener = Listener("dbname=x", reconnect_delay=0.5, max_reconnect_delay=8)
+    for attempt, ceiling in [(1, 0.5), (2, 1), (3, 2), (4, 4), (5, 8), (6, 8), (50, 8)]:
+        delays = {listener._backoff(attempt) for _ in range(200)}
+        assert all(ceiling / 2 <= d <= ceiling for d in delays), (attempt, delays)
+        assert len(delays) > 100  # jittered, so that many listeners do not return in step
+
+
 def test_reconnects_after_its_backend_is_terminated(db: Database) -> None:
     async def scenario() -> None:
         reconnected = asyncio.Event()
