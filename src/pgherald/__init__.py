@@ -7,8 +7,17 @@ from pgherald.events import ChangeEvent, FieldChange, RowImage
 
 if TYPE_CHECKING:
     from pgherald.api import Herald
+    from pgherald.sources.listen import Listener, Notification
 
-__all__ = ["ChangeEvent", "FieldChange", "Herald", "PgHeraldError", "RowImage"]
+__all__ = [
+    "ChangeEvent",
+    "FieldChange",
+    "Herald",
+    "Listener",
+    "Notification",
+    "PgHeraldError",
+    "RowImage",
+]
 __version__ = "0.1.0"
 
 
@@ -18,4 +27,8 @@ def __getattr__(name: str) -> Any:
         from pgherald.api import Herald
 
         return Herald
+    if name in ("Listener", "Notification"):
+        from pgherald.sources import listen
+
+        return getattr(listen, name)
     raise AttributeError(f"module 'pgherald' has no attribute {name!r}")

@@ -27,6 +27,7 @@ import psycopg
 import psycopg2
 
 from pgherald import __version__, admin, present
+from pgherald.cli_listen import listen
 from pgherald.config import LOG_LEVELS, TABLE_METHODS, Settings, load_settings
 from pgherald.db.connect import connection_failed
 from pgherald.errors import PgHeraldError
@@ -561,6 +562,8 @@ def demo(
 
     ctx.exit(demo_module.main(duration=duration, rate=rate, seed=seed, journal=journal, port=port))
 
+
+main.add_command(listen)
 
 if __name__ == "__main__":  # pragma: no cover
     main()

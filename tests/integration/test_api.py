@@ -28,7 +28,7 @@ def write(db: Database, *statements: str) -> None:
             conn.execute(s.encode())
 
 
-async def take(changes: Any, n: int, timeout: float = 30.0) -> list[ChangeEvent]:
+async def take(changes: Any, n: int, seconds: float = 30.0) -> list[ChangeEvent]:
     out: list[ChangeEvent] = []
 
     async def collect() -> None:
@@ -37,7 +37,7 @@ async def take(changes: Any, n: int, timeout: float = 30.0) -> list[ChangeEvent]
             if len(out) == n:
                 return
 
-    await asyncio.wait_for(collect(), timeout)
+    await asyncio.wait_for(collect(), seconds)
     return out
 
 
@@ -163,7 +163,7 @@ def test_follows_a_log_that_another_pgherald_fills(db: Database) -> None:
 
 def test_bad_input_is_one_clear_error(db: Database) -> None:
     herald = Herald(db.dsn)
-    with pytest.raises(ConfigError, match="unknown operation.*'upsert'"):
+    with pytest.raises(ConfigError, match=r"unknown operation.*'upsert'"):
         herald.on("t", ops={"upsert"})
     with pytest.raises(ConfigError, match="needs a DSN"):
         Herald()
