@@ -28,6 +28,7 @@ from pgherald.db.connect import connect
 from pgherald.errors import CaptureError, ConfigError, SchemaError, WatchError
 from pgherald.methods import choose_method
 from pgherald.sources import logical_admin, trigger_admin
+from pgherald.sources.listen import check_channel
 from pgherald.sources.logical import checkpoint_name
 from pgherald.store import checkpoints, migrations
 from pgherald.store import watches as registry
@@ -490,6 +491,45 @@ def add_watch(
         except CaptureError as e:
             added = replace(added, notes=(*added.notes, f"slot not created yet: {e}"))
     return added
+
+
+def add_listen_watch(settings: Settings, name: str, channels: Sequence[str]) -> AddedWatch:
+    """Stores a watch whose events are the notifications sent on ``channels``.
+
+    Channel names are taken exactly as written (they are not SQL names to fold).
+    """
+    if not channels:
+        raise WatchError("a listen watch needs at least one --channel")
+    for channel in channels:
+        try:
+            check_channel(channel)
+        except ConfigError as e:
+            raise WatchError(str(e)) from None
+    unique = tuple(dict.fromkeys(channels))
+    watch = Watch(
+        name=_check_watch_name(name),
+        schema_name=None,
+        table_name=None,
+        method="listen",
+        options={"channels": list(unique)},
+    )
+    with connect(settings) as conn:
+        with conn.transaction():
+            migrations.require_current(conn, settings.schema)
+            _lock_registry(conn, settings.schema)
+            if registry.get_watch(conn, settings.schema, watch.name) is not None:
+                raise WatchError(
+                    f"a watch named {watch.name!r} exists already; remove it first or choose"
+                    " another name"
+                )
+            registry.add_watch(conn, settings.schema, watch)
+            stored = registry.get_watch(conn, settings.schema, watch.name)
+        conn.commit()
+    note = (
+        "notifications are stored while `pgherald run` listens; NOTIFY is at most once, so"
+        " those sent while it is stopped are not seen"
+    )
+    return AddedWatch(stored or watch, "", (note,))
 
 
 def ensure_slot(settings: Settings) -> bool:

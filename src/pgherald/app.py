@@ -20,6 +20,8 @@ from pgherald.db.connect import connect
 from pgherald.errors import ConfigError
 from pgherald.events import ChangeEvent
 from pgherald.events.model import RowShape
+from pgherald.sources.listen_capture import ListenSource, ListenWatch
+from pgherald.sources.listen_capture import checkpoint_name as listen_checkpoint_name
 from pgherald.sources.logical import (
     LogicalSettings,
     LogicalSource,
@@ -223,6 +225,31 @@ def build_trigger_source(settings: Settings) -> TriggerSource:
     )
 
 
+def listen_watches(settings: Settings) -> list[ListenWatch]:
+    with connect(settings, autocommit=True) as conn:
+        migrations.require_current(conn, settings.schema)
+        found = [w for w in watches.list_watches(conn, settings.schema) if w.method == "listen"]
+    return [
+        ListenWatch(w.name, tuple((w.options or {}).get("channels", ())))
+        for w in found
+        if w.enabled
+    ]
+
+
+def build_listen_source(settings: Settings) -> ListenSource:
+    return ListenSource(
+        settings.dsn, listen_watches(settings), reload=lambda: listen_watches(settings)
+    )
+
+
+def _run_listen(settings: Settings, source: ListenSource, stop: threading.Event) -> None:
+    sink = ChangeLogSink(settings.dsn, settings.schema, listen_checkpoint_name(settings.schema))
+    try:
+        source.run(sink, stop)
+    finally:
+        sink.close()
+
+
 def trigger_source_name(settings: Settings) -> str:
     return trigger_checkpoint_name(settings.schema)
 
@@ -288,12 +315,14 @@ class Capture:
         self.stop = stop or threading.Event()
         logical = logical_watches(settings)
         triggered = trigger_watches(settings)
-        if not logical and not triggered:
+        listened = listen_watches(settings)
+        if not logical and not triggered and not listened:
             raise ConfigError("no watches: add one with `pgherald watch add SCHEMA.TABLE`")
         self.source: LogicalSource | None = (
             build_logical_source(settings, resync=resync) if logical else None
         )
         self.trigger: TriggerSource | None = build_trigger_source(settings) if triggered else None
+        self.listen: ListenSource | None = build_listen_source(settings) if listened else None
         self.threads: list[_SourceThread] = []
         if self.source is not None:
             source = self.source
@@ -312,6 +341,14 @@ class Capture:
                 )
             )
 
+        if self.listen is not None:
+            listen = self.listen
+            self.threads.append(
+                _SourceThread(
+                    "pgherald-listen", lambda: _run_listen(settings, listen, self.stop), self.stop
+                )
+            )
+
     @property
     def errors(self) -> list[BaseException]:
         """What ended a source thread (empty while all run)."""
@@ -323,6 +360,8 @@ class Capture:
             parts.append(f"{len(self.source.watches)} logical watch(es)")
         if self.trigger is not None:
             parts.append(f"{len(self.trigger.watches)} trigger watch(es)")
+        if self.listen is not None:
+            parts.append(f"{len(self.listen.watches)} listen watch(es)")
         return " and ".join(parts)
 
     def start(self) -> Capture:
@@ -333,7 +372,8 @@ class Capture:
     def wait_ready(self, timeout: float = 30.0) -> None:
         """Returns once every source is connected; raises what stopped one otherwise."""
         deadline = time.monotonic() + timeout
-        events = [s.connected for s in (self.source, self.trigger) if s is not None]
+        sources = (self.source, self.trigger, self.listen)
+        events = [s.connected for s in sources if s is not None]
         while not all(e.wait(0.05) for e in events):
             if self.errors:
                 raise self.errors[0]

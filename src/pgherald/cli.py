@@ -30,7 +30,7 @@ from pgherald import __version__, admin, present
 from pgherald.cli_listen import listen
 from pgherald.config import LOG_LEVELS, TABLE_METHODS, Settings, load_settings
 from pgherald.db.connect import connection_failed
-from pgherald.errors import PgHeraldError
+from pgherald.errors import PgHeraldError, WatchError
 from pgherald.events import ChangeEvent
 from pgherald.store.migrations import LATEST_VERSION
 
@@ -252,6 +252,12 @@ def _columns(value: str | None) -> tuple[str, ...] | None:
     is_flag=True,
     help="Start with the table's current rows (as 'read' events), then follow its changes.",
 )
+@click.option(
+    "--channel",
+    "channels",
+    multiple=True,
+    help="Watch NOTIFY channel(s) instead of a table; TABLE is then the watch's name.",
+)
 @connection_options
 @click.pass_context
 def watch_add(
@@ -264,8 +270,31 @@ def watch_add(
     method: str | None,
     replica_identity_full: bool,
     snapshot: bool,
+    channels: tuple[str, ...],
 ) -> None:
-    """Watch TABLE (schema.table, or table in public; quote unusual names as in SQL)."""
+    """Watch TABLE (schema.table, or table in public; quote unusual names as in SQL).
+
+    With --channel, watch NOTIFY channels instead: TABLE is the watch's name."""
+    if channels:
+        others = {
+            "--columns": columns,
+            "--ignore-columns": ignore_columns,
+            "--key": key,
+            "--name": name,
+            "--replica-identity-full": replica_identity_full,
+            "--snapshot": snapshot,
+        }
+        given = [flag for flag, value in others.items() if value]
+        if given or method not in (None, "auto"):
+            raise WatchError(f"--channel cannot be combined with {', '.join(given) or '--method'}")
+        added = admin.add_listen_watch(settings_of(ctx), table, channels)
+        click.echo(
+            f"added watch {added.watch.name!r} on channel(s)"
+            f" {', '.join(repr(c) for c in channels)} (listen capture)"
+        )
+        for note in added.notes:
+            click.echo(f"  note: {note}")
+        return
     added = admin.add_watch(
         settings_of(ctx),
         table,
@@ -342,7 +371,12 @@ def watch_list(ctx: click.Context, fmt: str) -> None:
         rows.append(
             (
                 present.clean(w.name, 40),
-                present.clean(admin.show_name(w.schema_name or "", w.table_name or ""), 60),
+                present.clean(
+                    admin.show_name(w.schema_name or "", w.table_name or "")
+                    if w.table_name
+                    else w.target,
+                    60,
+                ),
                 w.method,
                 present.clean(",".join(w.key_columns or ()), 30),
                 w.status + ("" if w.enabled else " (disabled)"),

@@ -88,6 +88,8 @@ def describe(
         )
     elif event.op == "truncate":
         parts.append(f"{event.schema}.{event.table}")
+    elif event.op == "message" and event.new is not None:
+        parts.append(f"{event.table}: {clean(str(event.new.text('payload') or ''), 200)}")
     elif event.op == "schema":
         summary = {
             k: event.meta[k]

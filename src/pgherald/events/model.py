@@ -15,8 +15,9 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Final, Literal, Protocol
 
-Operation = Literal["insert", "update", "delete", "truncate", "read", "schema"]
-"""``read`` is a row of an initial snapshot; ``schema`` records that a table's shape changed."""
+Operation = Literal["insert", "update", "delete", "truncate", "read", "schema", "message"]
+"""``read`` is a row of an initial snapshot; ``schema`` records that a table's shape changed;
+``message`` is a notification received on a channel (``listen`` watches)."""
 
 CaptureMethod = Literal["logical", "trigger", "snapshot", "listen"]
 
@@ -30,6 +31,7 @@ OPERATIONS: Final[tuple[Operation, ...]] = (
     "truncate",
     "read",
     "schema",
+    "message",
 )
 
 

@@ -52,7 +52,8 @@ class Watch:
         """What the watch looks at, for people: ``schema.table``, or ``query``/channel."""
         if self.table_name is not None:
             return f"{self.schema_name}.{self.table_name}" if self.schema_name else self.table_name
-        return self.query or str(self.options.get("channel", ""))
+        channels = self.options.get("channels") or ()
+        return self.query or ", ".join(f"channel {c}" for c in channels)
 
 
 def _from_row(r: tuple[Any, ...]) -> Watch:
