@@ -18,6 +18,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
+from datetime import datetime
 from typing import Any, Final
 
 import psycopg
@@ -880,10 +881,17 @@ class CaptureStatus:
     checkpoint: str | None
     events: int
     watches: tuple[Watch, ...]
+    queued: int = 0
+    """Changes waiting in the trigger queue."""
+    oldest_queued: datetime | None = None
 
     def to_dict(self) -> dict[str, Any]:
         slot = self.slot
         return {
+            "trigger_queue": {
+                "depth": self.queued,
+                "oldest": self.oldest_queued.isoformat() if self.oldest_queued else None,
+            },
             "slot": None
             if slot is None
             else {
@@ -919,4 +927,5 @@ def status(settings: Settings) -> CaptureStatus:
         )
         events = ChangeLog(conn, settings.schema).last_id()
         found = tuple(registry.list_watches(conn, settings.schema))
-    return CaptureStatus(slot, checkpoint, events, found)
+        queued, oldest = trigger_admin.queue_depth(conn, settings.schema)
+    return CaptureStatus(slot, checkpoint, events, found, queued, oldest)

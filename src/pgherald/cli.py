@@ -533,6 +533,13 @@ def status(ctx: click.Context, fmt: str) -> None:
             f" the server, confirmed up to {slot.confirmed_flush_lsn}"
         )
     click.echo(f"change log: {report.events} events, checkpoint {report.checkpoint or 'none yet'}")
+    if report.queued or any(w.method == "trigger" for w in report.watches):
+        oldest = (
+            f", oldest from {report.oldest_queued:%Y-%m-%d %H:%M:%S%z}"
+            if report.oldest_queued
+            else ""
+        )
+        click.echo(f"trigger queue: {report.queued} change(s) waiting{oldest}")
     for w in report.watches:
         seen = f"{w.changes_seen} changes" if w.changes_seen is not None else "no changes yet"
         click.echo(f"watch {present.clean(w.name, 40)} ({w.method}): {seen}")

@@ -9,7 +9,7 @@ import time
 from pgherald import admin
 from pgherald.app import Capture
 from pgherald.config import Settings
-from tests.acceptance._cli import cli
+from tests.acceptance._cli import assert_ok, cli
 from tests.conftest import Database
 
 
@@ -62,3 +62,15 @@ def test_status_before_init_says_what_to_do(db: Database) -> None:
     result = cli("status", dsn=db.dsn)
     assert result.returncode == 1
     assert "pgherald init" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_status_shows_the_trigger_queue(db: Database) -> None:
+    db.execute("CREATE TABLE q (id int PRIMARY KEY)")
+    settings = Settings(dsn=db.dsn, method="trigger")
+    admin.init(settings)
+    admin.add_watch(settings, "q")
+    db.execute("INSERT INTO q SELECT generate_series(1, 3)")
+    out = assert_ok(cli("status", dsn=db.dsn)).stdout
+    assert "trigger queue: 3 change(s) waiting, oldest from " in out
+    report = json.loads(assert_ok(cli("status", "--format", "json", dsn=db.dsn)).stdout)
+    assert report["trigger_queue"]["depth"] == 3

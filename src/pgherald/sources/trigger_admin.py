@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
+from datetime import datetime
 from typing import Any
 
 import psycopg
@@ -122,3 +123,12 @@ def remove_triggers(
         )
         dropped.append(name)
     return dropped
+
+
+def queue_depth(conn: psycopg.Connection[Any], store: str) -> tuple[int, datetime | None]:
+    """How many changes wait in the trigger queue, and when the oldest was made."""
+    row = conn.execute(
+        _q("queue_depth").format(queue=sql.Identifier(store, "trigger_queue"))
+    ).fetchone()
+    assert row is not None
+    return int(row[0]), row[1]
