@@ -368,3 +368,32 @@ def test_works_for_a_plain_table_owner_on_a_server_without_logical_wal() -> None
         ]
     finally:
         cluster.stop(mode="immediate")
+
+
+def test_hostile_names_and_a_partitioned_table(db: Database) -> None:
+    """Names with quotes and % (psycopg placeholders) in the table, columns, watch and store
+    schema; a partitioned table (row triggers reach the partitions, TRUNCATE is seen)."""
+    run_sql(
+        db,
+        'CREATE TABLE "Odd ""T%s""" ("i%d" int PRIMARY KEY, "v %(x)s" text, w text)'
+        ' PARTITION BY RANGE ("i%d")',
+        'CREATE TABLE p1 PARTITION OF "Odd ""T%s""" FOR VALUES FROM (0) TO (100)',
+    )
+    settings = h.install(db.dsn, [], settings=trigger_settings(db, schema='st%s "re'), slot=False)
+    admin.add_watch(settings, '"Odd ""T%s"""', name="we'ird %s", ignore_columns=["w"])
+    with h.capturing(settings) as capture:
+        run_sql(
+            db,
+            'INSERT INTO "Odd ""T%s""" VALUES (1, \'a\', \'b\')',
+            'UPDATE "Odd ""T%s""" SET w = \'c\'',
+            'UPDATE "Odd ""T%s""" SET "v %(x)s" = \'z\'',
+            'TRUNCATE "Odd ""T%s"""',
+        )
+        h.catch_up(settings, alive=lambda: h.capture_problem(capture))
+    events = h.stored_events(settings)
+    assert [(e.watch, e.table, e.op, h.texts(e.new), e.changed) for e in events] == [
+        ("we'ird %s", 'Odd "T%s"', "insert", {"i%d": "1", "v %(x)s": "a", "w": "b"}, ()),
+        ("we'ird %s", 'Odd "T%s"', "update", {"i%d": "1", "v %(x)s": "z", "w": "c"},
+         ("v %(x)s",)),
+        ("we'ird %s", 'Odd "T%s"', "truncate", None, ()),
+    ]  # fmt: skip

@@ -12,6 +12,8 @@ import re
 from importlib import resources
 from typing import Final, LiteralString
 
+from psycopg import sql
+
 _HEADER: Final = re.compile(r"^--\s*name:\s*([A-Za-z_][A-Za-z0-9_]*)\s*$", re.MULTILINE)
 
 
@@ -53,3 +55,13 @@ def named_query(relative: str, name: str) -> LiteralString:
         return blocks_of(relative)[name]
     except KeyError:
         raise KeyError(f"no query named {name!r} in sql/{relative}") from None
+
+
+def ident(*names: str) -> sql.Identifier:
+    """An identifier for a query that also has parameters.
+
+    psycopg reads ``%`` in the composed text as the start of a placeholder, even inside a
+    quoted name; doubling it makes a name such as ``"100% done"`` come out intact. Use it
+    only in statements executed with parameters (elsewhere the ``%%`` would stay).
+    """
+    return sql.Identifier(*(n.replace("%", "%%") for n in names))

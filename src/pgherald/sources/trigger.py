@@ -42,7 +42,7 @@ import psycopg
 from psycopg import sql
 
 from pgherald.db.connect import connect
-from pgherald.db.sqlfiles import named_query
+from pgherald.db.sqlfiles import ident, named_query
 from pgherald.db.types import CANONICAL_SESSION_SETTINGS, TypeRegistry
 from pgherald.errors import CaptureError
 from pgherald.events import ChangeEvent
@@ -321,7 +321,11 @@ class TriggerSource:
             conn = sink.connection()
             tracked = conn.execute("SELECT current_setting('track_commit_timestamp')").fetchone()
             self._track_commit_timestamp = bool(tracked and tracked[0] == "on")
-            conn.execute(_q("create_claim_stage").format(queue=self._table("trigger_queue")))
+            conn.execute(
+                _q("create_claim_stage").format(
+                    queue=sql.Identifier(self.settings.store, "trigger_queue")
+                )
+            )
             self._registry = TypeRegistry.load(conn)
             self._refresh_columns(conn)
             conn.commit()
@@ -421,7 +425,8 @@ class TriggerSource:
         conn.commit()
 
     def _table(self, name: str) -> sql.Identifier:
-        return sql.Identifier(self.settings.store, name)
+        """A store table's name, for statements with parameters (see ``ident``)."""
+        return ident(self.settings.store, name)
 
     # -- one drain ------------------------------------------------------------------------
 
@@ -537,8 +542,7 @@ class TriggerSource:
 
         def values(alias: str) -> sql.Composable:
             return sql.SQL(", ").join(
-                sql.SQL("{}.{}::text").format(sql.Identifier(alias), sql.Identifier(n))
-                for n in names
+                sql.SQL("{}.{}::text").format(sql.Identifier(alias), ident(n)) for n in names
             )
 
         commit_time = (
@@ -550,7 +554,7 @@ class TriggerSource:
             commit_time=commit_time,
             old_values=values("o"),
             new_values=values("n"),
-            table=sql.Identifier(watch.schema, watch.table),
+            table=ident(watch.schema, watch.table),
         )
         return conn.execute(statement, {"columns": names, "watch": watch.name})
 

@@ -17,7 +17,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from pgherald.db.sqlfiles import named_query
+from pgherald.db.sqlfiles import ident, named_query
 
 _FILE = "trigger_capture.sql"
 
@@ -105,7 +105,7 @@ def capture_triggers(
 def forget_queued(conn: psycopg.Connection[Any], store: str, watch: str) -> int:
     """Deletes what ``watch`` queued and nobody moved yet (the watch is being removed)."""
     cur = conn.execute(
-        _q("forget_watch").format(queue=sql.Identifier(store, "trigger_queue")), {"watch": watch}
+        _q("forget_watch").format(queue=ident(store, "trigger_queue")), {"watch": watch}
     )
     return cur.rowcount
 
