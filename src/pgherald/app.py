@@ -152,22 +152,34 @@ def logical_source_name(settings: Settings) -> str:
     return checkpoint_name(settings.slot)
 
 
-def logical_watches(settings: Settings) -> list[LogicalWatch]:
+def registered_watches(settings: Settings, method: str) -> list[watches.Watch]:
+    """The enabled watches of one capture method (table watches: those with a table)."""
     with connect(settings, autocommit=True) as conn:
         migrations.require_current(conn, settings.schema)
-        found = [w for w in watches.list_watches(conn, settings.schema) if w.method == "logical"]
+        found = watches.list_watches(conn, settings.schema)
     return [
-        LogicalWatch(
-            name=w.name,
-            schema=w.schema_name or "",
-            table=w.table_name or "",
-            key_columns=tuple(w.key_columns or ()),
-            columns=tuple(w.columns) if w.columns else None,
-            ignore_columns=tuple(w.ignore_columns or ()),
-            snapshot=bool((w.options or {}).get("snapshot")),
-        )
+        w
         for w in found
-        if w.enabled and w.schema_name and w.table_name
+        if w.method == method and w.enabled and (method == "listen" or w.table_name)
+    ]
+
+
+def _table_fields(w: watches.Watch) -> dict[str, Any]:
+    """What logical and trigger sources both know of a table watch."""
+    return {
+        "name": w.name,
+        "schema": w.schema_name or "",
+        "table": w.table_name or "",
+        "key_columns": tuple(w.key_columns or ()),
+        "columns": tuple(w.columns) if w.columns else None,
+        "ignore_columns": tuple(w.ignore_columns or ()),
+    }
+
+
+def logical_watches(settings: Settings) -> list[LogicalWatch]:
+    return [
+        LogicalWatch(**_table_fields(w), snapshot=bool((w.options or {}).get("snapshot")))
+        for w in registered_watches(settings, "logical")
     ]
 
 
@@ -189,21 +201,7 @@ def build_logical_source(settings: Settings, resync: bool = False) -> LogicalSou
 
 
 def trigger_watches(settings: Settings) -> list[TriggerWatch]:
-    with connect(settings, autocommit=True) as conn:
-        migrations.require_current(conn, settings.schema)
-        found = [w for w in watches.list_watches(conn, settings.schema) if w.method == "trigger"]
-    return [
-        TriggerWatch(
-            name=w.name,
-            schema=w.schema_name or "",
-            table=w.table_name or "",
-            key_columns=tuple(w.key_columns or ()),
-            columns=tuple(w.columns) if w.columns else None,
-            ignore_columns=tuple(w.ignore_columns or ()),
-        )
-        for w in found
-        if w.enabled and w.schema_name and w.table_name
-    ]
+    return [TriggerWatch(**_table_fields(w)) for w in registered_watches(settings, "trigger")]
 
 
 def build_trigger_source(settings: Settings) -> TriggerSource:
@@ -226,13 +224,9 @@ def build_trigger_source(settings: Settings) -> TriggerSource:
 
 
 def listen_watches(settings: Settings) -> list[ListenWatch]:
-    with connect(settings, autocommit=True) as conn:
-        migrations.require_current(conn, settings.schema)
-        found = [w for w in watches.list_watches(conn, settings.schema) if w.method == "listen"]
     return [
         ListenWatch(w.name, tuple((w.options or {}).get("channels", ())))
-        for w in found
-        if w.enabled
+        for w in registered_watches(settings, "listen")
     ]
 
 
