@@ -25,9 +25,6 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Collection
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
-import psycopg
-from psycopg import sql
-
 from pgherald import admin, app
 from pgherald.config import Settings
 from pgherald.db.connect import connect
@@ -36,6 +33,7 @@ from pgherald.errors import ConfigError
 from pgherald.events import ChangeEvent
 from pgherald.events.model import OPERATIONS
 from pgherald.sources import logical_admin
+from pgherald.sources.listen import Listener
 from pgherald.store import deliveries
 from pgherald.store.changelog import ChangeLog, StoredEvent, changes_channel
 
@@ -298,23 +296,16 @@ class Herald:
         raise ConfigError(f"since must be 'now', 'beginning' or a log id, not {since!r}")
 
     async def _listen(self) -> None:
-        """Bumps the wake-up generation on every append NOTIFY; reconnects on loss."""
-        assert self._woken is not None
-        channel = sql.SQL("LISTEN {}").format(sql.Identifier(changes_channel(self.settings.schema)))
-        delay = 0.5
-        while True:
-            try:
-                aconn = await psycopg.AsyncConnection.connect(self.settings.dsn, autocommit=True)
-                async with aconn:
-                    await aconn.execute(channel)
-                    delay = 0.5
-                    await self._wake()  # we may have missed some while connecting
-                    async for _ in aconn.notifies():
-                        await self._wake()
-            except psycopg.OperationalError as e:
-                log.warning("change log listener lost its connection (%s); retrying", e)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 30.0)
+        """Bumps the wake-up generation on every append NOTIFY, and after a reconnection
+        (notifications sent meanwhile are lost: the consumers look again)."""
+        channel = changes_channel(self.settings.schema)
+
+        async def woken(_: object = None) -> None:
+            await self._wake()
+
+        async with Listener(self.settings.dsn, [channel], on_reconnect=woken) as listener:
+            listener.add_callback(woken)
+            await asyncio.Event().wait()  # until cancelled by close()
 
     async def _wake(self) -> None:
         assert self._woken is not None
