@@ -44,7 +44,7 @@ from psycopg import sql
 from pgherald.db.connect import connect
 from pgherald.db.sqlfiles import ident, named_query
 from pgherald.db.types import CANONICAL_SESSION_SETTINGS, TypeRegistry
-from pgherald.errors import CaptureError
+from pgherald.errors import CaptureError, ConnectionFailed
 from pgherald.events import ChangeEvent
 from pgherald.events.model import ColumnSpec, RowImage, RowShape
 from pgherald.sources.logical import CaptureSink, describe_shape_change
@@ -291,13 +291,21 @@ class TriggerSource:
     # -- the session loop ----------------------------------------------------------------
 
     def run(self, sink: QueueSink, stop: threading.Event) -> None:
-        """Drains until ``stop`` is set; a lost connection is retried with backoff."""
+        """Drains until ``stop`` is set; a lost connection is retried with backoff.
+
+        ``connect`` turns a refused connection (the server restarting or down) into
+        ``ConnectionFailed``, which is retried too: the configuration was proved when the
+        composition root connected first. The backoff starts again from ``reconnect_min``
+        after a session that got going, so one restart a day never waits 30 s.
+        """
         delay = self.settings.reconnect_min
         while not stop.is_set():
             try:
                 self._session(sink, stop)
                 return
-            except psycopg.OperationalError as e:
+            except (psycopg.OperationalError, ConnectionFailed) as e:
+                if self.connected.is_set():
+                    delay = self.settings.reconnect_min
                 self.connected.clear()
                 self.leader.clear()
                 sink.rollback()
