@@ -45,6 +45,7 @@ from pgherald.sources.pgoutput import (
     Update,
     Value,
     decode,
+    decode_insert,
     pg_timestamp,
 )
 
@@ -605,3 +606,25 @@ def test_any_truncation_raises_decode_error(message: Message, data: st.DataObjec
         return  # a whole version-2 STREAM ABORT, see above
     with pytest.raises(DecodeError):
         decode(raw[:end], in_stream=in_stream(message))
+
+
+_rows = st.lists(
+    st.one_of(st.none(), st.just(UNCHANGED_TOAST), st.text(max_size=20), st.binary(max_size=8)),
+    max_size=6,
+).map(tuple)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.builds(Insert, st.none(), st.integers(0, 2**32 - 1), _rows), st.data())
+def test_decode_insert_agrees_with_decode(message: Insert, data: st.DataObject) -> None:
+    """The capture loop's in-place INSERT reader: the same row, the same errors."""
+    raw = encode(message)
+    assert decode_insert(raw) == (message.relation_oid, message.new)
+    end = data.draw(st.integers(0, len(raw) - 1))
+    damaged = data.draw(st.sampled_from([raw[:end], raw + b"\x00", raw[:5] + b"X" + raw[6:]]))
+    with pytest.raises(DecodeError) as from_decode:
+        decode(damaged)
+    if len(damaged) > 0 and damaged[0] == ord("I"):
+        with pytest.raises(DecodeError) as in_place:
+            decode_insert(damaged)
+        assert str(in_place.value) == str(from_decode.value)

@@ -25,7 +25,7 @@ from datetime import datetime
 from typing import Any, Final, LiteralString, NamedTuple, cast
 
 import psycopg
-from psycopg import sql
+from psycopg import pq, sql
 from psycopg.rows import TupleRow, tuple_row
 from psycopg.types.json import Jsonb
 
@@ -568,9 +568,18 @@ class ChangeLog:
         by_digest = {info.digest: info.columns for info in infos.values()}
         known = self._committed_shape_ids
         if all(digest in known for digest in by_digest):
-            # One simple query, no pipeline: psycopg's pipeline machinery costs more client
-            # CPU than the statements cost the server, and this runs for every batch.
-            conn.execute(enter_sql(self.schema, _LOCK_AND_SAVEPOINT))
+            if conn.info.transaction_status == pq.TransactionStatus.IDLE:
+                # psycopg would send BEGIN in a round trip of its own before a simple
+                # query; in a pipeline it goes with the statements: one round trip.
+                with conn.pipeline():
+                    for statement in enter_statements(conn, self.schema):
+                        conn.execute(*statement)
+                    conn.execute(query("append_lock"))
+                    conn.execute(query("direct_begin"))
+            else:
+                # One simple query, no pipeline: psycopg's pipeline machinery costs more
+                # client CPU than the statements cost the server.
+                conn.execute(enter_sql(self.schema, _LOCK_AND_SAVEPOINT))
             ids_by_digest = {digest: known[digest] for digest in by_digest}
         else:
             with conn.pipeline():
