@@ -1,0 +1,462 @@
+"""Trigger capture: what it costs writers, and how soon a committed change is in the log.
+
+**Writer overhead.** Each repetition uses a fresh database (``wal_level=replica``: trigger
+capture is for servers without logical decoding) with four identical tables, and runs
+pgbench on each (one-row INSERT transactions, ``synchronous_commit = on``, 4 clients, as
+fast as it goes), in an order that rotates between repetitions:
+
+- ``no trigger``: a table without triggers (the baseline);
+- ``pgherald``: a trigger watch (``watch add --method trigger``) while pgherald drains the
+  queue into the change log, in-process as ``pgherald run`` wires it (``TriggerSource`` +
+  ``ChangeLogSink``); after pgbench we note how long pgherald needed to store the last
+  row (keeping TPS up by falling behind would not be fair);
+- ``pg_notify trigger``: a plain row trigger that sends ``pg_notify`` with the row as its
+  payload (a program LISTENs and reads them), the hand-written way;
+- ``queue trigger``: a row trigger that only inserts the row as jsonb into a queue table
+  (nobody drains it): the least a durable queue can cost.
+
+Printed: median TPS of each and, per variant, the median over repetitions of its TPS ÷
+the no-trigger TPS of the same repetition (target for pgherald: >= 0.8).
+
+**Latency.** With ``track_commit_timestamp = on`` (trigger events then carry the real
+commit time), ``pgbench --rate`` sends one-row INSERT transactions at 1,000/s (Poisson
+arrivals, 4 clients) for 15 s while pgherald drains. Latency of an event =
+``pg_xact_commit_timestamp(events.xmin) - events.commit_time``: when the store transaction
+that wrote the event committed, minus when the source transaction committed, both taken
+by the server's clock at the same point of a commit (as ``bench_logical_latency.py``
+does). The first 2 s are left out. Reference, in the same run: a per-row ``pg_notify``
+trigger and a LISTENing client noting when each notification arrives
+(commit-to-notified), the fastest a hand-written setup tells anyone. Target: p99 <= 100 ms.
+
+Run: ``.venv/bin/python bench/bench_trigger.py [--part overhead|latency|both]
+[--seconds 15] [--clients 4] [--rate 1000] [--repeat 3] [--busy-poll SECONDS]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+
+import psycopg
+from psycopg import sql
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
+
+from bench import _common as c
+from pgherald import admin, app
+from pgherald.config import Settings
+from pgherald.db.embedded import EmbeddedCluster
+from pgherald.sources.trigger import TriggerSettings
+
+TARGET_RATIO = 0.8
+TARGET_P99_MS = 100.0
+WARM_UP_S = 2.0
+
+NO_TRIGGER = "no trigger"
+PGHERALD = "pgherald"
+NOTIFY = "pg_notify trigger"
+QUEUE = "queue trigger"
+VARIANTS = (NO_TRIGGER, PGHERALD, NOTIFY, QUEUE)
+TABLES = {
+    NO_TRIGGER: "plain_rows",
+    PGHERALD: "herald_rows",
+    NOTIFY: "notify_rows",
+    QUEUE: "queued_rows",
+}
+NOTIFY_CHANNEL = "bench_changes"
+
+# The references, as people write them by hand.
+REFERENCE_TRIGGERS = """
+CREATE FUNCTION bench_notify() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM pg_notify('bench_changes', json_build_object(
+        'table', TG_TABLE_NAME, 'operation', TG_OP, 'xid', pg_current_xact_id()::text,
+        'new_record', row_to_json(NEW))::text);
+    RETURN NULL;
+END
+$$;
+CREATE TRIGGER bench_notify AFTER INSERT OR UPDATE OR DELETE ON notify_rows
+    FOR EACH ROW EXECUTE FUNCTION bench_notify();
+
+CREATE TABLE bench_queue (
+    id bigserial PRIMARY KEY,
+    table_name text NOT NULL,
+    op text NOT NULL,
+    new_row jsonb,
+    old_row jsonb,
+    xid xid8 NOT NULL DEFAULT pg_current_xact_id(),
+    queued_at timestamptz NOT NULL DEFAULT now()
+);
+CREATE FUNCTION bench_enqueue() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    INSERT INTO bench_queue (table_name, op, new_row) VALUES (TG_TABLE_NAME, TG_OP, to_jsonb(NEW));
+    RETURN NULL;
+END
+$$;
+CREATE TRIGGER bench_enqueue AFTER INSERT OR UPDATE OR DELETE ON queued_rows
+    FOR EACH ROW EXECUTE FUNCTION bench_enqueue();
+"""
+
+LATENCY_SQL = """
+WITH lat AS (
+    SELECT extract(epoch FROM pg_xact_commit_timestamp(xmin) - commit_time) * 1000 AS ms
+    FROM pgherald.events
+    WHERE watch = %(watch)s AND NOT meta ? 'commit_time'
+      AND commit_time >= (SELECT min(commit_time) FROM pgherald.events WHERE watch = %(watch)s)
+                         + %(warm_up)s * interval '1 s'
+)
+SELECT percentile_cont(0.5) WITHIN GROUP (ORDER BY ms),
+       percentile_cont(0.99) WITHIN GROUP (ORDER BY ms),
+       max(ms), count(*)
+FROM lat
+"""
+
+NOTIFY_LATENCY_SQL = """
+WITH got AS (
+    SELECT xid, received
+    FROM unnest(%(xids)s::xid8[], %(received)s::timestamptz[]) AS g(xid, received)
+), lat AS (
+    SELECT extract(epoch FROM received - pg_xact_commit_timestamp(
+               mod(xid::text::bigint, 4294967296)::text::xid)) * 1000 AS ms,
+           pg_xact_commit_timestamp(mod(xid::text::bigint, 4294967296)::text::xid) AS committed
+    FROM got
+)
+SELECT percentile_cont(0.5) WITHIN GROUP (ORDER BY ms),
+       percentile_cont(0.99) WITHIN GROUP (ORDER BY ms),
+       max(ms), count(*)
+FROM lat
+WHERE committed >= (SELECT min(committed) FROM lat) + %(warm_up)s * interval '1 s'
+"""
+
+
+def insert_one(table: str) -> str:
+    """``_common.INSERT_ONE`` into ``table`` (a name of ours, not user input)."""
+    return c.INSERT_ONE.replace("public.bench_rows", f"public.{table}")
+
+
+def load() -> str:
+    one, five, _ = os.getloadavg()
+    return f"load {one:.1f}/{five:.1f}"
+
+
+def trigger_db(cluster: EmbeddedCluster, name: str) -> c.BenchDB:
+    """A fresh database with the four tables, pgherald's store, its trigger watch on
+    ``herald_rows`` and the reference triggers."""
+    with psycopg.connect(cluster.dsn(), autocommit=True) as conn:
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    settings = Settings(dsn=cluster.dsn(name), method="trigger")
+    with psycopg.connect(settings.dsn, autocommit=True) as conn:
+        for table in TABLES.values():
+            conn.execute(c.CREATE_TABLE.replace("public.bench_rows", f"public.{table}"))
+        conn.execute(REFERENCE_TRIGGERS)
+    admin.init(settings)
+    admin.add_watch(settings, ("public", TABLES[PGHERALD]), name=TABLES[PGHERALD])
+    return c.BenchDB(cluster, name, settings)
+
+
+def drop_db(db: c.BenchDB) -> None:
+    with psycopg.connect(db.cluster.dsn(), autocommit=True) as conn:
+        conn.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(db.name)))
+
+
+def rows_in(db: c.BenchDB, table: str) -> int:
+    with db.connect() as conn:
+        found = conn.execute(
+            sql.SQL("SELECT count(*) FROM {}").format(sql.Identifier(table))
+        ).fetchone()
+    assert found is not None
+    return int(found[0])
+
+
+# -- pgherald draining in-process ------------------------------------------------------
+
+
+class Draining:
+    """pgherald's trigger capture of ``db`` in a thread, as ``pgherald run`` wires it;
+    ``busy_poll`` (seconds) replaces ``TriggerSettings.busy_poll`` to try other values."""
+
+    busy_poll: float | None = None
+
+    def __init__(self, db: c.BenchDB) -> None:
+        self.db = db
+        self.source = app.build_trigger_source(db.settings)
+        if self.busy_poll is not None:
+            self.source.settings = dataclasses.replace(
+                self.source.settings, busy_poll=self.busy_poll
+            )
+        self.sink = app.ChangeLogSink(
+            db.settings.dsn, db.settings.schema, app.trigger_source_name(db.settings)
+        )
+        self.stop = threading.Event()
+        self.errors: list[BaseException] = []
+        self.thread = threading.Thread(target=self._run, name="pgherald-trigger", daemon=True)
+
+    def _run(self) -> None:
+        try:
+            self.source.run(self.sink, self.stop)
+        except BaseException as e:
+            self.errors.append(e)
+            self.stop.set()
+
+    def start(self) -> Draining:
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.source.connected.wait(0.05):
+            self.stored()
+            if time.monotonic() > deadline:
+                raise TimeoutError("capture did not start")
+        return self
+
+    def stored(self) -> int:
+        if self.errors:
+            raise RuntimeError(f"capture failed: {self.errors[0]!r}") from self.errors[0]
+        return self.sink.stored_events
+
+    def wait_stored(self, count: int, timeout: float = 300.0) -> float:
+        """Waits until ``count`` events are stored; returns the perf_counter time then."""
+        deadline = time.monotonic() + timeout
+        while self.stored() < count:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"only {self.stored()} of {count} events stored in time")
+            time.sleep(0.002)
+        return time.perf_counter()
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join(60)
+        self.sink.close()
+        if self.errors:
+            raise RuntimeError(f"capture failed: {self.errors[0]!r}") from self.errors[0]
+
+
+@contextmanager
+def draining(db: c.BenchDB) -> Iterator[Draining]:
+    capture = Draining(db).start()
+    try:
+        yield capture
+    finally:
+        capture.close()
+
+
+class Listening:
+    """A client LISTENing on the reference trigger's channel, noting when each
+    notification arrived (and the xid it names)."""
+
+    def __init__(self, db: c.BenchDB) -> None:
+        self.conn = psycopg.connect(db.dsn, autocommit=True)
+        self.conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(NOTIFY_CHANNEL)))
+        self.stop = threading.Event()
+        self.got: list[tuple[str, float]] = []  # (payload, time received)
+        self.thread = threading.Thread(target=self._run, name="listener", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while not self.stop.is_set():
+            for n in self.conn.notifies(timeout=0.2):
+                self.got.append((n.payload, time.time()))
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join(10)
+        self.conn.close()
+
+
+# -- writer overhead ---------------------------------------------------------------------
+
+
+def overhead_run(db: c.BenchDB, variant: str, clients: int, seconds: int) -> tuple[float, float]:
+    """(TPS, seconds pgherald needed after pgbench to store every row; 0 for the others)."""
+    script = insert_one(TABLES[variant])
+    if variant == PGHERALD:
+        before = rows_in(db, TABLES[PGHERALD])
+        with draining(db) as capture:
+            already, drains = capture.stored(), capture.source.drains
+            tps = c.pgbench(db, script, clients=clients, seconds=seconds).tps
+            ended = time.perf_counter()
+            inserted = rows_in(db, TABLES[PGHERALD]) - before
+            done = capture.wait_stored(already + inserted)
+            drains = capture.source.drains - drains
+        c.say(
+            f"     pgherald: {drains / seconds:.0f} drains/s, {inserted / max(drains, 1):.0f}"
+            f" rows per drain, {capture.source.notifies} wake-ups"
+        )
+        return tps, done - ended
+    if variant == NOTIFY:
+        listener = Listening(db)
+        try:
+            return c.pgbench(db, script, clients=clients, seconds=seconds).tps, 0.0
+        finally:
+            listener.close()
+    return c.pgbench(db, script, clients=clients, seconds=seconds).tps, 0.0
+
+
+def overhead(repeat: int, clients: int, seconds: int) -> None:
+    cluster = c.start_cluster(wal_level="replica")
+    runs: dict[str, list[float]] = {v: [] for v in VARIANTS}
+    lags: list[float] = []
+    order = list(VARIANTS)
+    try:
+        c.say(
+            f"writer overhead: PostgreSQL {cluster.version} (wal_level=replica), pgbench one-row"
+            f" inserts, {clients} clients, {seconds}s per run, synchronous_commit=on; {load()}"
+        )
+        for rep in range(repeat):
+            db = trigger_db(cluster, f"trigger_overhead_{rep}")
+            try:
+                for variant in order:
+                    tps, lag = overhead_run(db, variant, clients, seconds)
+                    runs[variant].append(tps)
+                    if variant == PGHERALD:
+                        lags.append(lag)
+            finally:
+                drop_db(db)
+            c.say(
+                f"  #{rep + 1} ({', '.join(order)}): "
+                + " | ".join(f"{v} {runs[v][-1]:7,.0f} tps" for v in VARIANTS)
+                + f" | pgherald caught up {lags[-1]:.2f}s after; {load()}"
+            )
+            order = order[1:] + order[:1]
+    finally:
+        cluster.stop()
+    ratios = {
+        v: c.median([t / b for t, b in zip(runs[v], runs[NO_TRIGGER], strict=True)])
+        for v in VARIANTS
+    }
+    verdict = "ok" if ratios[PGHERALD] >= TARGET_RATIO else "BELOW TARGET"
+    c.say(
+        f"median of {repeat}: "
+        + ", ".join(f"{v} {c.median(runs[v]):,.0f} tps" for v in VARIANTS)
+        + "; median ratio to no trigger: "
+        + ", ".join(f"{v} {ratios[v]:.2f}" for v in VARIANTS if v != NO_TRIGGER)
+        + f" (pgherald caught up {c.median(lags):.2f}s after pgbench)"
+        + f"  [target pgherald/no trigger >= {TARGET_RATIO}: {verdict}]"
+    )
+
+
+# -- latency ------------------------------------------------------------------------------
+
+
+def pgherald_latency(
+    db: c.BenchDB, rate: int, clients: int, seconds: int
+) -> tuple[float, float, float, float]:
+    """(p50 ms, p99 ms, max ms, achieved tps) of commit-to-stored."""
+    table = TABLES[PGHERALD]
+    before = rows_in(db, table)
+    with draining(db) as capture:
+        already = capture.stored()
+        result = c.pgbench(db, insert_one(table), clients=clients, seconds=seconds, rate=rate)
+        capture.wait_stored(already + rows_in(db, table) - before, timeout=120)
+        drains, notifies = capture.source.drains, capture.source.notifies
+    with db.connect() as conn:
+        row = conn.execute(LATENCY_SQL, {"watch": table, "warm_up": WARM_UP_S}).fetchone()
+        assert row is not None and row[3], "no events measured"
+        untracked = conn.execute(
+            "SELECT count(*) FROM pgherald.events WHERE watch = %s AND meta ? 'commit_time'",
+            (table,),
+        ).fetchone()
+    assert untracked == (0,), "events without a real commit time: is track_commit_timestamp on?"
+    c.say(f"     pgherald: {int(row[3]):,} events measured, {drains:,} drains, {notifies} wake-ups")
+    return float(row[0]), float(row[1]), float(row[2]), result.tps
+
+
+def notify_latency(
+    db: c.BenchDB, rate: int, clients: int, seconds: int
+) -> tuple[float, float, float, float]:
+    """(p50 ms, p99 ms, max ms, achieved tps) of commit-to-notified (a LISTENing client)."""
+    listener = Listening(db)
+    try:
+        table = TABLES[NOTIFY]
+        result = c.pgbench(db, insert_one(table), clients=clients, seconds=seconds, rate=rate)
+        deadline = time.monotonic() + 30
+        while len(listener.got) < result.transactions and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        listener.close()
+    with db.connect() as conn:
+        row = conn.execute(
+            NOTIFY_LATENCY_SQL,
+            {
+                "xids": [json.loads(payload)["xid"] for payload, _ in listener.got],
+                "received": [datetime.fromtimestamp(t, UTC) for _, t in listener.got],
+                "warm_up": WARM_UP_S,
+            },
+        ).fetchone()
+    assert row is not None and row[3], "no notifications measured"
+    return float(row[0]), float(row[1]), float(row[2]), result.tps
+
+
+def latency(repeat: int, clients: int, seconds: int, rate: int) -> None:
+    cluster = c.start_cluster(wal_level="replica", track_commit_timestamp="on")
+    ours: list[tuple[float, float, float, float]] = []
+    theirs: list[tuple[float, float, float, float]] = []
+    try:
+        c.say(
+            f"latency: PostgreSQL {cluster.version}, {rate:,} one-row transactions/s for"
+            f" {seconds}s ({clients} pgbench clients), first {WARM_UP_S:.0f}s left out; {load()}"
+        )
+        for rep in range(repeat):
+            db = trigger_db(cluster, f"trigger_latency_{rep}")
+            try:
+                if rep % 2 == 0:
+                    ours.append(pgherald_latency(db, rate, clients, seconds))
+                    theirs.append(notify_latency(db, rate, clients, seconds))
+                else:
+                    theirs.append(notify_latency(db, rate, clients, seconds))
+                    ours.append(pgherald_latency(db, rate, clients, seconds))
+            finally:
+                drop_db(db)
+            (p50, p99, top, tps), (r50, r99, rtop, rtps) = ours[-1], theirs[-1]
+            c.say(
+                f"  #{rep + 1}: pgherald commit-to-stored p50 {p50:6.2f} ms p99 {p99:6.2f} ms"
+                f" max {top:6.1f} ms ({tps:,.0f} tps) | pg_notify commit-to-notified p50"
+                f" {r50:6.2f} ms p99 {r99:6.2f} ms max {rtop:6.1f} ms ({rtps:,.0f} tps); {load()}"
+            )
+    finally:
+        cluster.stop()
+    p50 = c.median([o[0] for o in ours])
+    p99 = c.median([o[1] for o in ours])
+    r50 = c.median([t[0] for t in theirs])
+    r99 = c.median([t[1] for t in theirs])
+    verdict = "ok" if p99 <= TARGET_P99_MS else "ABOVE TARGET"
+    c.say(
+        f"median of {repeat}: pgherald p50 {p50:.2f} ms, p99 {p99:.2f} ms; pg_notify p50"
+        f" {r50:.2f} ms, p99 {r99:.2f} ms; pgherald/pg_notify p50 {p50 / r50:.1f}x,"
+        f" p99 {p99 / r99:.1f}x; p99 / target {p99 / TARGET_P99_MS:.2f}"
+        f"  [target p99 <= {TARGET_P99_MS:.0f} ms: {verdict}]"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--part", choices=("overhead", "latency", "both"), default="both")
+    parser.add_argument("--seconds", type=int, default=15)
+    parser.add_argument("--clients", type=int, default=4)
+    parser.add_argument("--rate", type=int, default=1000)
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument(
+        "--busy-poll",
+        type=float,
+        default=None,
+        help="seconds between drains while changes keep coming (default: TriggerSettings')",
+    )
+    args = parser.parse_args()
+    Draining.busy_poll = args.busy_poll
+    poll = args.busy_poll if args.busy_poll is not None else TriggerSettings(dsn="").busy_poll
+    c.say(f"pgherald drains every {poll * 1000:.0f} ms while busy (busy_poll)")
+    if args.part in ("overhead", "both"):
+        overhead(args.repeat, args.clients, args.seconds)
+    if args.part in ("latency", "both"):
+        latency(args.repeat, args.clients, args.seconds, args.rate)
+
+
+if __name__ == "__main__":
+    main()
