@@ -28,9 +28,11 @@ from pgherald.config import TABLE_METHODS, Settings, TableMethod, WatchSpec
 from pgherald.db.connect import connect
 from pgherald.errors import CaptureError, ConfigError, SchemaError, WatchError
 from pgherald.methods import choose_method
+from pgherald.schedule import Schedule
 from pgherald.sources import logical_admin, trigger_admin
 from pgherald.sources.listen import check_channel
 from pgherald.sources.logical import checkpoint_name
+from pgherald.sources.snapshot import baseline_table
 from pgherald.store import checkpoints, migrations
 from pgherald.store import watches as registry
 from pgherald.store.changelog import ChangeLog, StoredEvent
@@ -39,7 +41,7 @@ from pgherald.store.watches import Watch
 NAME_LIMIT: Final = 63
 """PostgreSQL truncates longer identifiers (NAMEDATALEN - 1 bytes)."""
 
-AVAILABLE_METHODS: Final[tuple[str, ...]] = ("auto", "logical", "trigger")
+AVAILABLE_METHODS: Final[tuple[str, ...]] = ("auto", "logical", "trigger", "snapshot")
 """Capture methods this version can run; the others are accepted by the parser but refused."""
 
 _UNQUOTED: Final = re.compile(r"[A-Za-z_\u0080-\U0010ffff][A-Za-z0-9_$\u0080-\U0010ffff]*")
@@ -449,6 +451,7 @@ def add_watch(
     method: str | None = None,
     replica_identity_full: bool = False,
     snapshot: bool = False,
+    schedule: Schedule | None = None,
 ) -> AddedWatch:
     """Checks and stores a watch on a table, and adds the table to the publication.
 
@@ -459,6 +462,23 @@ def add_watch(
     published, unless ``replica_identity_full`` makes them publishable. ``snapshot`` asks
     capture to start the watch with the table's current rows (as ``read`` events).
     """
+    if (method or settings.method) == "snapshot":
+        if replica_identity_full or snapshot:
+            raise WatchError(
+                "--replica-identity-full and --snapshot are for logical capture; a snapshot"
+                " watch records its baseline on its first run"
+            )
+        return add_snapshot_watch(
+            settings,
+            name,
+            table=table,
+            key=key,
+            columns=columns,
+            ignore_columns=ignore_columns,
+            schedule=schedule,
+        )
+    if schedule is not None:
+        raise WatchError("--schedule and --every are for snapshot watches (--method snapshot)")
     schema_name, table_name = parse_table_name(table) if isinstance(table, str) else table
     with connect(settings) as conn:
         with conn.transaction():
@@ -492,6 +512,125 @@ def add_watch(
         except CaptureError as e:
             added = replace(added, notes=(*added.notes, f"slot not created yet: {e}"))
     return added
+
+
+def add_snapshot_watch(
+    settings: Settings,
+    name: str | None,
+    *,
+    table: str | tuple[str, str] | None = None,
+    view: str | tuple[str, str] | None = None,
+    query: str | None = None,
+    key: Sequence[str] | None = None,
+    columns: Sequence[str] | None = None,
+    ignore_columns: Sequence[str] = (),
+    schedule: Schedule | None = None,
+    initial_events: bool = False,
+    first_run: bool = True,
+) -> AddedWatch:
+    """Stores a snapshot watch of a table, a view or a query, then records its baseline.
+
+    The query is checked by PostgreSQL (``LIMIT 0``, in a transaction rolled back), so a
+    query that does not parse, or lacks the key or ignored columns, changes nothing. The
+    first run then records the baseline (``first_run=False`` leaves it to the schedule).
+    """
+    given = [o for o, v in (("--table", table), ("--view", view), ("--query", query)) if v]
+    if len(given) != 1:
+        raise WatchError("a snapshot watch watches one of a table, a view (--view) or --query")
+    if query is not None and not query.strip():
+        raise WatchError("--query is empty")
+    if columns is not None and query is not None:
+        raise WatchError("--columns is for tables and views; select the columns in --query")
+    if key is not None and not key:
+        raise WatchError("--key is empty: name the columns that identify a row")
+    notes: list[str] = []
+    schema_name = table_name = None
+    with connect(settings) as conn:
+        migrations.require_current(conn, settings.schema)
+        if query is None:
+            target = table if table is not None else view
+            assert target is not None
+            schema_name, table_name = (
+                parse_table_name(target) if isinstance(target, str) else target
+            )
+            info = table_info(conn, schema_name, table_name)
+            if info.kind not in ("r", "p", "v", "m", "f"):
+                raise WatchError(
+                    f"{info.shown} is a {_KINDS.get(info.kind, 'relation')}; snapshot watches"
+                    " compare tables, views and queries"
+                )
+            if columns is not None:
+                _check_columns(info, columns, "--columns")
+            _check_columns(info, ignore_columns, "--ignore-columns")
+            if key is not None:
+                _check_columns(info, key, "--key")
+            key = tuple(key) if key is not None else (info.primary_key or info.identity_index)
+            result = [c for c in info.columns if columns is None or c in columns or c in key]
+        else:
+            try:
+                cur = conn.execute(
+                    sql.SQL("SELECT * FROM ({}) AS q LIMIT 0").format(sql.SQL(query))
+                )
+            except psycopg.Error as e:
+                raise WatchError(f"the query does not run: {e.diag.message_primary}") from None
+            finally:
+                conn.rollback()
+            assert cur.description is not None
+            result = [d.name for d in cur.description]
+            for option, names in (("--key", key or ()), ("--ignore-columns", ignore_columns)):
+                unknown = [n for n in names if n not in result]
+                if unknown:
+                    raise WatchError(
+                        f"{option}: the query has no column {show_name(unknown[0])}"
+                        f" (its columns: {', '.join(show_name(c) for c in result)})"
+                    )
+            key = tuple(key or ())
+        for k in key:
+            if k in ignore_columns:
+                raise WatchError(f"key column {show_name(k)} cannot be in --ignore-columns")
+        if not key:
+            notes.append("no key: rows are compared as a whole, and identified by their content")
+        watch_name = _check_watch_name(
+            name
+            if name is not None
+            else default_watch_name(schema_name or "", table_name or "")
+            if table_name
+            else ""
+        )
+        options: dict[str, Any] = dict(schedule.to_options()) if schedule else {}
+        if initial_events:
+            options["initial_events"] = True
+        watch = Watch(
+            name=watch_name,
+            schema_name=schema_name,
+            table_name=table_name,
+            method="snapshot",
+            key_columns=tuple(key),
+            columns=tuple(result) if columns is not None else None,
+            ignore_columns=tuple(ignore_columns),
+            query=query,
+            options=options,
+        )
+        with conn.transaction():
+            _lock_registry(conn, settings.schema)
+            if registry.get_watch(conn, settings.schema, watch_name) is not None:
+                raise WatchError(
+                    f"a watch named {watch_name!r} exists already; remove it first or choose"
+                    " another name with --name"
+                )
+            registry.add_watch(conn, settings.schema, watch)
+            stored = registry.get_watch(conn, settings.schema, watch_name)
+        conn.commit()
+    if schedule is not None:
+        notes.append(f"runs {schedule.describe()} while `pgherald run` runs")
+    else:
+        notes.append("no schedule: run it with `pgherald snapshot run` (e.g. from cron)")
+    if first_run:
+        from pgherald import snapshots
+
+        outcome = snapshots.run_watch(settings, watch_name)
+        notes.append(f"first run: {outcome.describe()}")
+    return AddedWatch(stored or watch, "", tuple(notes))
 
 
 def add_listen_watch(settings: Settings, name: str, channels: Sequence[str]) -> AddedWatch:
@@ -789,6 +928,12 @@ def remove_watch(settings: Settings, name: str) -> Watch:
                     conn, settings.schema, watch.schema_name, watch.table_name
                 )
                 trigger_admin.forget_queued(conn, settings.schema, watch.name)
+            if watch.method == "snapshot":
+                conn.execute(
+                    sql.SQL("DROP TABLE IF EXISTS {}").format(
+                        sql.Identifier(settings.schema, baseline_table(watch.name))
+                    )
+                )
             if logical_admin.publication_exists(conn, settings.publication):
                 _sync_publication(conn, settings)
         conn.commit()

@@ -1,0 +1,256 @@
+"""Running snapshot watches: one run, every due run, and the daemon's scheduler.
+
+A run is one transaction (``REPEATABLE READ``, so a query sees one consistent state):
+comparison, baseline, events and the run's record commit together. The run's start is
+recorded first, in a transaction of its own, so that a run that fails, or is killed,
+still shows in ``runs``: as ``error`` with the database's message, or left ``running``
+until the next run of that watch marks it ``aborted``. A watch never runs twice at once,
+in one process or several (a session advisory lock per watch).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import psycopg
+from psycopg import sql
+
+from pgherald.config import Settings
+from pgherald.db.connect import connect
+from pgherald.db.types import TypeRegistry
+from pgherald.errors import PgHeraldError, WatchError
+from pgherald.events import ChangeEvent
+from pgherald.schedule import Schedule
+from pgherald.sources.snapshot import SnapshotComparer, SnapshotWatch
+from pgherald.store import errors, runs
+from pgherald.store import watches as registry
+from pgherald.store.changelog import ChangeLog
+from pgherald.store.watches import Watch
+
+log = logging.getLogger("pgherald.snapshot")
+
+_LOCK = "SELECT pg_try_advisory_lock(hashtext('pgherald.snapshot:' || %s || ':' || %s))"
+_UNLOCK = "SELECT pg_advisory_unlock(hashtext('pgherald.snapshot:' || %s || ':' || %s))"
+_ABORT_STALE = """
+UPDATE {runs} SET status = 'aborted', ended_at = now(),
+       error = 'the run ended without finishing (process killed or connection lost)'
+WHERE watch = %s AND source = 'snapshot' AND status = 'running'
+"""
+
+
+@dataclass(frozen=True)
+class RunResult:
+    watch: str
+    status: str  # ok, error, skipped
+    run_id: int | None = None
+    inserts: int = 0
+    updates: int = 0
+    deletes: int = 0
+    rows_compared: int = 0
+    baseline_created: bool = False
+    shape_changed: bool = False
+    error: str | None = None
+    notes: tuple[str, ...] = field(default_factory=tuple)
+
+    def describe(self) -> str:
+        if self.status == "skipped":
+            return f"{self.watch}: skipped ({self.error})"
+        if self.status == "error":
+            return f"{self.watch}: FAILED (run {self.run_id}): {self.error}"
+        if self.baseline_created:
+            return f"{self.watch}: baseline recorded, {self.rows_compared} rows (run {self.run_id})"
+        shape = ", shape changed" if self.shape_changed else ""
+        return (
+            f"{self.watch}: {self.inserts} inserted, {self.updates} updated,"
+            f" {self.deletes} deleted of {self.rows_compared} rows{shape} (run {self.run_id})"
+        )
+
+
+def snapshot_watch(w: Watch) -> SnapshotWatch:
+    """What the comparer needs of a registered snapshot watch."""
+    if w.query:
+        query, schema, table = w.query, "", w.name
+    elif w.schema_name and w.table_name:
+        ident = sql.Identifier(w.schema_name, w.table_name)
+        columns: sql.Composable = (
+            sql.SQL(", ").join(sql.Identifier(c) for c in w.columns) if w.columns else sql.SQL("*")
+        )
+        query = sql.SQL("SELECT {} FROM {}").format(columns, ident).as_string(None)
+        schema, table = w.schema_name, w.table_name
+    else:
+        raise WatchError(f"watch {w.name!r} has neither a query nor a table")
+    return SnapshotWatch(
+        name=w.name,
+        query=query,
+        key_columns=tuple(w.key_columns),
+        ignore_columns=tuple(w.ignore_columns),
+        schema=schema,
+        table=table,
+        initial_events=bool((w.options or {}).get("initial_events")),
+    )
+
+
+def _one_line(e: BaseException) -> str:
+    if isinstance(e, psycopg.Error) and e.diag.message_primary:
+        where = f" (at character {e.diag.statement_position})" if e.diag.statement_position else ""
+        return f"{e.diag.message_primary}{where}"
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+
+
+def run_watch(settings: Settings, name: str) -> RunResult:
+    """Runs one snapshot watch now (unless it is running elsewhere)."""
+    with connect(settings, application_name="pgherald-snapshot") as conn:
+        watch = registry.get_watch(conn, settings.schema, name)
+        conn.commit()
+        if watch is None:
+            raise WatchError(f"no watch named {name!r} (see `pgherald watch list`)")
+        if watch.method != "snapshot":
+            raise WatchError(f"watch {name!r} uses {watch.method} capture, not snapshot")
+        locked = conn.execute(_LOCK, (settings.schema, name)).fetchone()
+        conn.commit()
+        if not locked or not locked[0]:
+            return RunResult(name, "skipped", error="a run of this watch is in progress")
+        try:
+            return _locked_run(conn, settings, watch)
+        finally:
+            if not conn.closed:
+                conn.rollback()
+                conn.execute(_UNLOCK, (settings.schema, name))
+                conn.commit()
+
+
+def _locked_run(conn: psycopg.Connection[Any], settings: Settings, watch: Watch) -> RunResult:
+    schema = settings.schema
+    conn.execute(sql.SQL(_ABORT_STALE).format(runs=sql.Identifier(schema, "runs")), (watch.name,))
+    run_id = runs.start_run(conn, schema, watch.name, "snapshot")
+    conn.commit()
+    target = snapshot_watch(watch)
+    try:
+        conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+        registry_types = TypeRegistry.load(conn)
+
+        def type_names(oids: Any) -> dict[int, str]:
+            wanted = set(oids)
+            missing = registry_types.missing(wanted)
+            if missing:
+                registry_types.refresh(missing, conn)
+            return {oid: registry_types.type_name(oid) for oid in wanted}
+
+        changelog = ChangeLog(conn, schema)
+
+        def emit(events: Sequence[ChangeEvent]) -> None:
+            changelog.append(events)
+
+        outcome = SnapshotComparer(schema, type_names).run(
+            conn, target, run_id, emit, datetime.now(UTC)
+        )
+        runs.finish_run(
+            conn,
+            schema,
+            run_id,
+            status="ok",
+            inserts=outcome.inserts,
+            updates=outcome.updates,
+            deletes=outcome.deletes,
+            rows_compared=outcome.rows_compared,
+        )
+        registry.record_watch_activity(conn, schema, watch.name, outcome.events, True, None)
+        conn.commit()
+    except (psycopg.Error, PgHeraldError) as e:
+        message = _one_line(e)
+        if conn.closed:
+            raise
+        conn.rollback()
+        runs.finish_run(conn, schema, run_id, status="error", error=message)
+        errors.record_error(
+            conn,
+            schema,
+            message,
+            watch=watch.name,
+            run_id=run_id,
+            source="snapshot",
+            detail={"sqlstate": e.sqlstate} if isinstance(e, psycopg.Error) else {},
+        )
+        registry.record_watch_activity(conn, schema, watch.name, 0, False, message)
+        conn.commit()
+        log.error("snapshot watch %s: run %d failed: %s", watch.name, run_id, message)
+        return RunResult(watch.name, "error", run_id, error=message)
+    result = RunResult(
+        watch.name,
+        "ok",
+        run_id,
+        outcome.inserts,
+        outcome.updates,
+        outcome.deletes,
+        outcome.rows_compared,
+        outcome.baseline_created,
+        outcome.shape_changed,
+        notes=tuple(outcome.notes),
+    )
+    log.info("snapshot %s", result.describe())
+    return result
+
+
+def snapshot_watches(settings: Settings) -> list[Watch]:
+    with connect(settings, autocommit=True) as conn:
+        return [
+            w
+            for w in registry.list_watches(conn, settings.schema)
+            if w.method == "snapshot" and w.enabled
+        ]
+
+
+def run_named(settings: Settings, names: Sequence[str]) -> list[RunResult]:
+    """``pgherald snapshot run [NAME...]``: the named watches, or every snapshot watch."""
+    targets = list(names) or [w.name for w in snapshot_watches(settings)]
+    return [run_watch(settings, n) for n in targets]
+
+
+def due_watches(settings: Settings, now: datetime) -> list[str]:
+    """The snapshot watches whose schedule says they should have run by ``now``."""
+    out = []
+    for w in snapshot_watches(settings):
+        schedule = Schedule.from_options(dict(w.options or {}))
+        if schedule is None:
+            continue
+        created = w.created_at or now
+        if schedule.is_due(w.last_run_at, created, now):
+            out.append(w.name)
+    return out
+
+
+class Scheduler:
+    """Runs due snapshot watches until stopped (the daemon's part of snapshot capture).
+
+    It looks every ``tick`` seconds; runs happen one at a time in this thread, so one
+    watch never overlaps itself here, and the per-watch lock covers other processes.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        tick: float = 1.0,
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+    ) -> None:
+        self.settings = settings
+        self.tick = tick
+        self.clock = clock
+        self.connected = threading.Event()
+        self.results: list[RunResult] = []
+
+    def run(self, stop: threading.Event) -> None:
+        self.connected.set()
+        while not stop.is_set():
+            try:
+                for name in due_watches(self.settings, self.clock()):
+                    if stop.is_set():
+                        break
+                    self.results.append(run_watch(self.settings, name))
+            except psycopg.OperationalError as e:
+                log.warning("snapshot scheduler: %s; retrying", _one_line(e))
+            stop.wait(self.tick)

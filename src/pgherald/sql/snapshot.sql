@@ -1,0 +1,79 @@
+-- Named statements of snapshot comparison (sources/snapshot.py). Names in {braces} are
+-- composed with psycopg.sql ({query} is the watch's own SQL, as configured); statements
+-- that embed the watch's query take no parameters, so a % in it is only a %.
+
+-- name: probe
+-- The result's columns, without running the query to its end.
+SELECT * FROM ({query}) AS q LIMIT 0
+
+-- name: current
+-- The result, restricted to the compared columns (ignored ones left out).
+(SELECT {columns} FROM ({query}) AS q)
+
+-- name: baseline_columns
+SELECT a.attname, a.atttypid::int
+FROM pg_attribute a
+JOIN pg_class c ON c.oid = a.attrelid
+JOIN pg_namespace n ON n.oid = c.relnamespace
+WHERE n.nspname = %(store)s AND c.relname = %(table)s AND a.attnum > 0 AND NOT a.attisdropped
+ORDER BY a.attnum
+
+-- name: count_rows
+SELECT count(*) FROM {current} c
+
+-- name: check_keys
+-- One pass: how many rows, and up to ten keys that are NULL or not unique.
+WITH g AS (
+    SELECT ARRAY[{key_texts}] AS k, count(*) AS n, bool_or({any_null}) AS has_null
+    FROM {current} c
+    GROUP BY {keys}
+)
+SELECT (SELECT coalesce(sum(n), 0) FROM g)::bigint,
+       (SELECT array_agg(x.k || x.n::text)
+        FROM (SELECT k, n FROM g WHERE n > 1 OR has_null LIMIT 10) x)
+
+-- name: create_baseline
+CREATE TABLE {table} AS SELECT * FROM {current} c
+
+-- name: keyed_diff
+-- The rows that differ, matched on the key: absent on one side, or some compared column
+-- distinct (NULL = NULL is no change). Old values as text for the events, old keys and
+-- new values typed for applying the difference to the baseline.
+CREATE TEMP TABLE pgherald_diff ON COMMIT DROP AS
+SELECT CASE WHEN {b_key} IS NULL THEN 'insert'
+            WHEN {c_key} IS NULL THEN 'delete'
+            ELSE 'update' END AS op,
+       array_remove(ARRAY[{changed}]::text[], NULL) AS changed,
+       {old_keys},
+       {old_values},
+       {new_values}
+FROM {baseline} b
+FULL JOIN {current} c ON {join}
+WHERE {b_key} IS NULL OR {c_key} IS NULL OR {any_differs}
+
+-- name: read_diff
+SELECT op, changed, {old_texts}, {new_texts} FROM pg_temp.pgherald_diff ORDER BY {order}
+
+-- name: read_baseline
+SELECT {base_texts} FROM {baseline} ORDER BY {order}
+
+-- name: apply_deletes
+-- Updates are applied as delete + insert: the baseline takes the whole new row.
+DELETE FROM {baseline} b USING pg_temp.pgherald_diff d WHERE d.op <> 'insert' AND {match}
+
+-- name: apply_inserts
+INSERT INTO {baseline} ({columns}) SELECT {values} FROM pg_temp.pgherald_diff WHERE op <> 'delete'
+
+-- name: multiset_diff
+-- Without a key: rows are compared by content, as a multiset (n > 0: more copies now,
+-- n < 0: fewer), on the texts of the shared columns.
+CREATE TEMP TABLE pgherald_diff ON COMMIT DROP AS
+SELECT {texts}, sum(x.n)::bigint AS n
+FROM (SELECT {b_texts}, -1 AS n FROM {baseline} b
+      UNION ALL
+      SELECT {c_texts}, 1 FROM {current} c) x
+GROUP BY {group}
+HAVING sum(x.n) <> 0
+
+-- name: read_multiset
+SELECT * FROM pg_temp.pgherald_diff ORDER BY n
