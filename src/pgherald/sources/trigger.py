@@ -363,6 +363,8 @@ class TriggerSource:
         armed = False
         idle_wait = s.busy_poll
         while not stop.is_set():
+            if not armed:
+                self._check_leader(wake)
             self._maybe_reload(sink)
             moved = self.drain(sink)
             now = time.monotonic()
@@ -388,6 +390,17 @@ class TriggerSource:
                 idle_wait = max(s.busy_poll, 0.05)
             else:
                 idle_wait = min(idle_wait * 2, s.idle_poll_max)
+
+    @staticmethod
+    def _check_leader(wake: psycopg.Connection[Any]) -> None:
+        """Raises ``OperationalError`` if the LISTEN connection is gone before draining on.
+
+        It holds the leader lock. While busy nothing else reads it, so a connection killed
+        meanwhile (``pg_terminate_backend``, ``idle_session_timeout``) would leave this
+        drainer draining without the lock, and a second pgherald could take it and drain
+        alongside, storing a row's events out of order. When armed, waiting on it notices.
+        """
+        wake.execute("SELECT 1")
 
     def _maybe_reload(self, sink: QueueSink) -> None:
         """Picks up watches added or removed while running (``watch add`` in another shell)."""
