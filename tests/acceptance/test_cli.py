@@ -337,7 +337,6 @@ def test_bad_watch_input_changes_nothing(app_db: Database) -> None:
         (("watch", "add", "employees"), "exists already"),
         (("watch", "add", "projects", "--columns", "code,"), "cannot read column list"),
         (("watch", "add", "my table"), "double quotes"),
-        (("watch", "add", "projects", "--method", "snapshot"), "not available"),
         (("watch", "remove", "ghost"), "no watch named 'ghost'"),
     ]
     for args, fragment in cases:
@@ -438,10 +437,11 @@ def test_doctor(db: Database, plain_role: str) -> None:
     assert good.lines[0].startswith("pgherald doctor: ")
     assert "  logical: possible" in good.lines
     assert "  trigger: possible" in good.lines
+    assert "  snapshot: possible" in good.lines
     assert any(line.startswith("  auto picks logical capture: ") for line in good.lines)
-    assert good.lines[-1] == "conclusion: capture can use logical, trigger"
+    assert good.lines[-1] == "conclusion: capture can use logical, trigger, snapshot"
     report = json.loads(assert_ok(cli("doctor", "--format", "json", dsn=db.dsn)).stdout)
-    assert report["ok"] is True and report["usable_methods"] == ["logical", "trigger"]
+    assert report["ok"] is True and report["usable_methods"] == ["logical", "trigger", "snapshot"]
     assert report["auto"].startswith("auto picks logical capture")
 
     bad = cli("doctor", dsn=db.cluster.dsn(db.name, user=plain_role))

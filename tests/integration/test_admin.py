@@ -281,7 +281,6 @@ def test_replica_identity_index_gives_the_key(installed: Database) -> None:
             {"table": "employees", "columns": ["name"], "ignore_columns": ["name"]},
             "both in --columns and in --ignore-columns",
         ),
-        ({"table": "employees", "method": "snapshot"}, "not available"),
         ({"table": "employees", "method": "magic"}, "unknown capture method"),
         ({"table": "employees", "name": ""}, "must not be empty"),
         ({"table": "employees", "name": "a\nb"}, "control characters"),

@@ -55,12 +55,12 @@ def test_superuser_on_a_logical_server(db: Database) -> None:
     assert check(report, "store").status == "ok"
     assert check(report, "watch 't'").status == "ok"
     assert "replica identity default" in check(report, "watch 't'").detail
-    assert report.usable_methods == ("logical", "trigger")
+    assert report.usable_methods == ("logical", "trigger", "snapshot")
     assert report.auto.startswith("auto picks logical capture: wal_level is 'logical'")
     assert all(c.status != "fail" for c in report.checks)
     as_dict = report.to_dict()
     assert as_dict["ok"] is True
-    assert as_dict["usable_methods"] == ["logical", "trigger"]
+    assert as_dict["usable_methods"] == ["logical", "trigger", "snapshot"]
 
 
 def test_plain_role_without_create_cannot_capture(db: Database, role: str) -> None:
@@ -92,8 +92,7 @@ def test_role_with_create_but_no_replication(db: Database, role: str) -> None:
         f"auto picks trigger capture: role {role!r} has neither REPLICATION nor superuser"
     )
     assert f"  {report.auto}" in doctor.render(report)
-    snapshot = verdict(report, "snapshot")
-    assert snapshot.possible and not snapshot.usable  # the database allows it; pgherald cannot yet
+    assert verdict(report, "snapshot").usable
 
 
 def test_replication_role_that_does_not_own_the_watched_table(db: Database, role: str) -> None:
@@ -151,7 +150,7 @@ def test_wal_level_replica_and_no_free_slot(private_cluster: EmbeddedCluster) ->
     assert check(report, "wal_level").status == "warn"
     assert "ALTER SYSTEM SET wal_level = logical" in check(report, "wal_level").detail
     assert check(report, "replication slots").status == "warn"
-    assert report.usable_methods == ("trigger",)
+    assert report.usable_methods == ("trigger", "snapshot")
     assert report.auto.startswith("auto picks trigger capture: wal_level is 'replica'")
 
 
