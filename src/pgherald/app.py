@@ -20,6 +20,7 @@ from pgherald.db.connect import connect
 from pgherald.errors import ConfigError
 from pgherald.events import ChangeEvent
 from pgherald.events.model import RowShape
+from pgherald.snapshots import Scheduler
 from pgherald.sources.listen_capture import ListenSource, ListenWatch
 from pgherald.sources.listen_capture import checkpoint_name as listen_checkpoint_name
 from pgherald.sources.logical import (
@@ -310,7 +311,8 @@ class Capture:
         logical = logical_watches(settings)
         triggered = trigger_watches(settings)
         listened = listen_watches(settings)
-        if not logical and not triggered and not listened:
+        snapshot = registered_watches(settings, "snapshot")
+        if not logical and not triggered and not listened and not snapshot:
             raise ConfigError("no watches: add one with `pgherald watch add SCHEMA.TABLE`")
         self.source: LogicalSource | None = (
             build_logical_source(settings, resync=resync) if logical else None
@@ -335,6 +337,13 @@ class Capture:
                 )
             )
 
+        # Always there: it also picks up snapshot watches added while pgherald runs.
+        self.scheduler: Scheduler | None = Scheduler(settings)
+        if self.scheduler is not None:
+            scheduler = self.scheduler
+            self.threads.append(
+                _SourceThread("pgherald-snapshots", lambda: scheduler.run(self.stop), self.stop)
+            )
         if self.listen is not None:
             listen = self.listen
             self.threads.append(
@@ -356,6 +365,8 @@ class Capture:
             parts.append(f"{len(self.trigger.watches)} trigger watch(es)")
         if self.listen is not None:
             parts.append(f"{len(self.listen.watches)} listen watch(es)")
+        if self.scheduler is not None:
+            parts.append("the snapshot scheduler")
         return " and ".join(parts)
 
     def start(self) -> Capture:
@@ -366,7 +377,7 @@ class Capture:
     def wait_ready(self, timeout: float = 30.0) -> None:
         """Returns once every source is connected; raises what stopped one otherwise."""
         deadline = time.monotonic() + timeout
-        sources = (self.source, self.trigger, self.listen)
+        sources = (self.source, self.trigger, self.listen, self.scheduler)
         events = [s.connected for s in sources if s is not None]
         while not all(e.wait(0.05) for e in events):
             if self.errors:

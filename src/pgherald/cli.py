@@ -18,7 +18,7 @@ import signal
 import sys
 import threading
 from collections.abc import Callable, Iterable
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Final, NoReturn, TypeVar
 
@@ -32,6 +32,7 @@ from pgherald.config import LOG_LEVELS, TABLE_METHODS, Settings, load_settings
 from pgherald.db.connect import connection_failed
 from pgherald.errors import PgHeraldError, WatchError
 from pgherald.events import ChangeEvent
+from pgherald.schedule import Schedule
 from pgherald.store.migrations import LATEST_VERSION
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -252,6 +253,19 @@ def _columns(value: str | None) -> tuple[str, ...] | None:
     is_flag=True,
     help="Start with the table's current rows (as 'read' events), then follow its changes.",
 )
+@click.option("--query", help="Snapshot watch of this SQL query; TABLE is then the watch's name.")
+@click.option(
+    "--view", help="Snapshot watch of this view (schema.view); TABLE is then the watch's name."
+)
+@click.option(
+    "--schedule", help="Snapshot watches: run on this cron schedule (UTC), e.g. '0 5 * * *'."
+)
+@click.option("--every", help="Snapshot watches: run at this interval, e.g. 15m, 1h, 1d.")
+@click.option(
+    "--initial-events",
+    is_flag=True,
+    help="Snapshot watches: report the first run's rows (as 'read' events), not only record them.",
+)
 @click.option(
     "--channel",
     "channels",
@@ -270,11 +284,49 @@ def watch_add(
     method: str | None,
     replica_identity_full: bool,
     snapshot: bool,
+    query: str | None,
+    view: str | None,
+    schedule: str | None,
+    every: str | None,
+    initial_events: bool,
     channels: tuple[str, ...],
 ) -> None:
     """Watch TABLE (schema.table, or table in public; quote unusual names as in SQL).
 
-    With --channel, watch NOTIFY channels instead: TABLE is the watch's name."""
+    With --query or --view (snapshot watches) and with --channel (NOTIFY channels), TABLE
+    is the watch's name instead."""
+    timing = (
+        Schedule.parse(cron=schedule, every=every)
+        if schedule is not None or every is not None
+        else None
+    )
+    if query is not None or view is not None or method == "snapshot" or initial_events:
+        if channels or replica_identity_full or snapshot:
+            raise WatchError(
+                "--channel, --replica-identity-full and --snapshot do not apply to snapshot watches"
+            )
+        if method not in (None, "snapshot"):
+            raise WatchError(f"--query and --view make snapshot watches, not {method} ones")
+        added = admin.add_snapshot_watch(
+            settings_of(ctx),
+            name if query is None and view is None else (name or table),
+            table=table if query is None and view is None else None,
+            view=view,
+            query=query,
+            key=_columns(key),
+            columns=_columns(columns),
+            ignore_columns=_columns(ignore_columns) or (),
+            schedule=timing,
+            initial_events=initial_events,
+        )
+        w = added.watch
+        keys = ", ".join(admin.show_name(k) for k in w.key_columns) or "none: rows by content"
+        click.echo(f"added watch {w.name!r} on {w.target} (snapshot capture, key: {keys})")
+        for note in added.notes:
+            click.echo(f"  note: {note}")
+        return
+    if timing is not None:
+        raise WatchError("--schedule and --every are for snapshot watches (--method snapshot)")
     if channels:
         others = {
             "--columns": columns,
@@ -366,7 +418,7 @@ def watch_list(ctx: click.Context, fmt: str) -> None:
     if not found:
         click.echo("no watches: add one with `pgherald watch add SCHEMA.TABLE`")
         return
-    rows = [("NAME", "TABLE", "METHOD", "KEY", "STATUS", "CHANGES", "LAST SUCCESS")]
+    rows = [("NAME", "TABLE", "METHOD", "KEY", "STATUS", "CHANGES", "LAST SUCCESS", "NEXT RUN")]
     for w in found:
         rows.append(
             (
@@ -382,6 +434,7 @@ def watch_list(ctx: click.Context, fmt: str) -> None:
                 w.status + ("" if w.enabled else " (disabled)"),
                 str(w.changes_seen),
                 _when(w.last_success_at),
+                _next_run(w),
             )
         )
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
@@ -392,6 +445,17 @@ def watch_list(ctx: click.Context, fmt: str) -> None:
             click.echo(f"{w.name}: last error: {present.clean(w.last_error, 200)}")
 
 
+def _next_run(w: Any) -> str:
+    """When a snapshot watch runs next ("-" for other methods, "manual" without schedule)."""
+    if w.method != "snapshot":
+        return "-"
+    schedule = Schedule.from_options(dict(w.options or {}))
+    if schedule is None:
+        return "manual"
+    due = schedule.next_run(w.last_run_at, w.created_at or datetime.now(UTC))
+    return "now (due)" if due <= datetime.now(UTC) else _when(due)
+
+
 @watch.command("remove")
 @click.argument("name")
 @connection_options
@@ -400,6 +464,39 @@ def watch_remove(ctx: click.Context, name: str) -> None:
     """Stop watching; the watch's events stay in the change log."""
     removed = admin.remove_watch(settings_of(ctx), name)
     click.echo(f"removed watch {removed.name!r}")
+
+
+# -- snapshot runs --------------------------------------------------------------------------------
+
+
+@main.group()
+def snapshot() -> None:
+    """Run snapshot watches now (for cron jobs and for trying a watch out)."""
+
+
+@snapshot.command("run")
+@click.argument("names", nargs=-1)
+@connection_options
+@click.pass_context
+def snapshot_run(ctx: click.Context, names: tuple[str, ...]) -> None:
+    """Run the named snapshot watches (all of them without NAME) once, now.
+
+    Exit status 0 when every run succeeded (or was skipped because a run of that watch is in
+    progress elsewhere), 1 when one failed; each run prints one line.
+    """
+    from pgherald import snapshots
+
+    results = snapshots.run_named(settings_of(ctx), names)
+    if not results:
+        click.echo("no snapshot watches: add one with `pgherald watch add NAME --query ...`")
+    failed = False
+    for r in results:
+        if r.status == "error":
+            failed = True
+            click.echo(present.clean(r.describe(), 400), err=True)
+        else:
+            click.echo(present.clean(r.describe(), 400))
+    ctx.exit(1 if failed else 0)
 
 
 # -- running ----------------------------------------------------------------------------------

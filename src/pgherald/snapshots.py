@@ -196,13 +196,17 @@ def _locked_run(conn: psycopg.Connection[Any], settings: Settings, watch: Watch)
     return result
 
 
-def snapshot_watches(settings: Settings) -> list[Watch]:
-    with connect(settings, autocommit=True) as conn:
-        return [
-            w
-            for w in registry.list_watches(conn, settings.schema)
-            if w.method == "snapshot" and w.enabled
-        ]
+def snapshot_watches(
+    settings: Settings, conn: psycopg.Connection[Any] | None = None
+) -> list[Watch]:
+    if conn is None:
+        with connect(settings, autocommit=True) as own:
+            return snapshot_watches(settings, own)
+    return [
+        w
+        for w in registry.list_watches(conn, settings.schema)
+        if w.method == "snapshot" and w.enabled
+    ]
 
 
 def run_named(settings: Settings, names: Sequence[str]) -> list[RunResult]:
@@ -211,10 +215,12 @@ def run_named(settings: Settings, names: Sequence[str]) -> list[RunResult]:
     return [run_watch(settings, n) for n in targets]
 
 
-def due_watches(settings: Settings, now: datetime) -> list[str]:
+def due_watches(
+    settings: Settings, now: datetime, conn: psycopg.Connection[Any] | None = None
+) -> list[str]:
     """The snapshot watches whose schedule says they should have run by ``now``."""
     out = []
-    for w in snapshot_watches(settings):
+    for w in snapshot_watches(settings, conn):
         schedule = Schedule.from_options(dict(w.options or {}))
         if schedule is None:
             continue
@@ -244,13 +250,24 @@ class Scheduler:
         self.results: list[RunResult] = []
 
     def run(self, stop: threading.Event) -> None:
+        conn: psycopg.Connection[Any] | None = None
         self.connected.set()
-        while not stop.is_set():
-            try:
-                for name in due_watches(self.settings, self.clock()):
-                    if stop.is_set():
-                        break
-                    self.results.append(run_watch(self.settings, name))
-            except psycopg.OperationalError as e:
-                log.warning("snapshot scheduler: %s; retrying", _one_line(e))
-            stop.wait(self.tick)
+        try:
+            while not stop.is_set():
+                try:
+                    if conn is None or conn.closed:
+                        conn = connect(
+                            self.settings, autocommit=True, application_name="pgherald-scheduler"
+                        )
+                    for name in due_watches(self.settings, self.clock(), conn):
+                        if stop.is_set():
+                            break
+                        self.results.append(run_watch(self.settings, name))
+                except psycopg.OperationalError as e:
+                    log.warning("snapshot scheduler: %s; retrying", _one_line(e))
+                    if conn is not None:
+                        conn.close()
+                stop.wait(self.tick)
+        finally:
+            if conn is not None:
+                conn.close()
