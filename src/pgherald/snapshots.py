@@ -23,7 +23,7 @@ from psycopg import sql
 from pgherald.config import Settings
 from pgherald.db.connect import connect
 from pgherald.db.types import TypeRegistry
-from pgherald.errors import PgHeraldError, WatchError
+from pgherald.errors import ConnectionFailed, PgHeraldError, WatchError
 from pgherald.events import ChangeEvent
 from pgherald.schedule import Schedule
 from pgherald.sources.snapshot import SnapshotComparer, SnapshotWatch
@@ -263,7 +263,7 @@ class Scheduler:
                         if stop.is_set():
                             break
                         self.results.append(run_watch(self.settings, name))
-                except psycopg.OperationalError as e:
+                except (psycopg.OperationalError, ConnectionFailed) as e:
                     log.warning("snapshot scheduler: %s; retrying", _one_line(e))
                     if conn is not None:
                         conn.close()
