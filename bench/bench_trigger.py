@@ -16,7 +16,11 @@ fast as it goes), in an order that rotates between repetitions:
   (nobody drains it): the least a durable queue can cost.
 
 Printed: median TPS of each and, per variant, the median over repetitions of its TPS ÷
-the no-trigger TPS of the same repetition (target for pgherald: >= 0.8).
+the no-trigger TPS of the same repetition (target for pgherald: >= 0.8). Also the CPU per
+transaction of every PostgreSQL process (backends, WAL writer, pgherald's store
+connection ...) and of this process (pgherald's drainer, or the LISTENing client): on a
+shared machine TPS moves with other load, CPU per transaction much less, and it says
+where the writers' time went.
 
 **Latency.** With ``track_commit_timestamp = on`` (trigger events then carry the real
 commit time), ``pgbench --rate`` sends one-row INSERT transactions at 1,000/s (Poisson
@@ -35,6 +39,7 @@ Run: ``.venv/bin/python bench/bench_trigger.py [--part overhead|latency|both]
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -43,9 +48,11 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
+import psutil
 import psycopg
 from psycopg import sql
 
@@ -273,36 +280,77 @@ class Listening:
 # -- writer overhead ---------------------------------------------------------------------
 
 
-def overhead_run(db: c.BenchDB, variant: str, clients: int, seconds: int) -> tuple[float, float]:
-    """(TPS, seconds pgherald needed after pgbench to store every row; 0 for the others)."""
+class ServerCpu:
+    """CPU seconds used by the cluster's processes (live ones, and those that ended).
+
+    A backend that exits between two readings is counted live in the first and among the
+    postmaster's reaped children in the second, so differences stay right.
+    """
+
+    def __init__(self, cluster: EmbeddedCluster) -> None:
+        pid = int((cluster.datadir / "postmaster.pid").read_text().split()[0])
+        self.postmaster = psutil.Process(pid)
+
+    def seconds(self) -> float:
+        t = self.postmaster.cpu_times()
+        total = float(t.user + t.system + t.children_user + t.children_system)
+        for child in self.postmaster.children(recursive=True):
+            try:
+                ct = child.cpu_times()
+            except psutil.Error:
+                continue  # ended just now: the next reading has it among the reaped
+            total += float(ct.user + ct.system)
+        return total
+
+
+@dataclass
+class OverheadRun:
+    tps: float
+    transactions: int
+    server_cpu: float  # seconds, every PostgreSQL process
+    client_cpu: float  # seconds of this process (pgherald's drainer, or the listener)
+    lag: float = 0.0  # seconds pgherald needed after pgbench to store every row
+
+    def per_tx(self, seconds: float) -> float:
+        return 1e6 * seconds / max(self.transactions, 1)
+
+
+def overhead_run(
+    db: c.BenchDB, cpu: ServerCpu, variant: str, clients: int, seconds: int
+) -> OverheadRun:
     script = insert_one(TABLES[variant])
-    if variant == PGHERALD:
-        before = rows_in(db, TABLES[PGHERALD])
-        with draining(db) as capture:
-            already, drains = capture.stored(), capture.source.drains
-            tps = c.pgbench(db, script, clients=clients, seconds=seconds).tps
-            ended = time.perf_counter()
-            inserted = rows_in(db, TABLES[PGHERALD]) - before
-            done = capture.wait_stored(already + inserted)
-            drains = capture.source.drains - drains
-        c.say(
-            f"     pgherald: {drains / seconds:.0f} drains/s, {inserted / max(drains, 1):.0f}"
-            f" rows per drain, {capture.source.notifies} wake-ups"
+    with contextlib.ExitStack() as stack:
+        capture = stack.enter_context(draining(db)) if variant == PGHERALD else None
+        if variant == NOTIFY:
+            stack.callback(Listening(db).close)
+        before = rows_in(db, TABLES[variant])
+        already = capture.stored() if capture else 0
+        drains = capture.source.drains if capture else 0
+        server, client = cpu.seconds(), time.process_time()
+        result = c.pgbench(db, script, clients=clients, seconds=seconds)
+        ended = time.perf_counter()
+        inserted = rows_in(db, TABLES[variant]) - before
+        lag = capture.wait_stored(already + inserted) - ended if capture else 0.0
+        run = OverheadRun(
+            result.tps,
+            inserted,
+            cpu.seconds() - server,
+            time.process_time() - client,
+            lag,
         )
-        return tps, done - ended
-    if variant == NOTIFY:
-        listener = Listening(db)
-        try:
-            return c.pgbench(db, script, clients=clients, seconds=seconds).tps, 0.0
-        finally:
-            listener.close()
-    return c.pgbench(db, script, clients=clients, seconds=seconds).tps, 0.0
+        if capture:
+            drains = capture.source.drains - drains
+            c.say(
+                f"     pgherald: {drains / seconds:.0f} drains/s, {inserted / max(drains, 1):.0f}"
+                f" rows per drain, {capture.source.notifies} wake-ups"
+            )
+    return run
 
 
 def overhead(repeat: int, clients: int, seconds: int) -> None:
     cluster = c.start_cluster(wal_level="replica")
-    runs: dict[str, list[float]] = {v: [] for v in VARIANTS}
-    lags: list[float] = []
+    cpu = ServerCpu(cluster)
+    runs: dict[str, list[OverheadRun]] = {v: [] for v in VARIANTS}
     order = list(VARIANTS)
     try:
         c.say(
@@ -313,31 +361,34 @@ def overhead(repeat: int, clients: int, seconds: int) -> None:
             db = trigger_db(cluster, f"trigger_overhead_{rep}")
             try:
                 for variant in order:
-                    tps, lag = overhead_run(db, variant, clients, seconds)
-                    runs[variant].append(tps)
-                    if variant == PGHERALD:
-                        lags.append(lag)
+                    runs[variant].append(overhead_run(db, cpu, variant, clients, seconds))
             finally:
                 drop_db(db)
+            ours = runs[PGHERALD][-1]
             c.say(
                 f"  #{rep + 1} ({', '.join(order)}): "
-                + " | ".join(f"{v} {runs[v][-1]:7,.0f} tps" for v in VARIANTS)
-                + f" | pgherald caught up {lags[-1]:.2f}s after; {load()}"
+                + " | ".join(f"{v} {runs[v][-1].tps:7,.0f} tps" for v in VARIANTS)
+                + f" | pgherald caught up {ours.lag:.2f}s after; {load()}"
             )
             order = order[1:] + order[:1]
     finally:
         cluster.stop()
+    tps = {v: [r.tps for r in runs[v]] for v in VARIANTS}
     ratios = {
-        v: c.median([t / b for t, b in zip(runs[v], runs[NO_TRIGGER], strict=True)])
-        for v in VARIANTS
+        v: c.median([t / b for t, b in zip(tps[v], tps[NO_TRIGGER], strict=True)]) for v in VARIANTS
     }
+    c.say("CPU per transaction (median): PostgreSQL's processes + this process (drainer/listener)")
+    for v in VARIANTS:
+        server = c.median([r.per_tx(r.server_cpu) for r in runs[v]])
+        client = c.median([r.per_tx(r.client_cpu) for r in runs[v]])
+        c.say(f"  {v:18s} {server:5.0f} µs + {client:3.0f} µs")
     verdict = "ok" if ratios[PGHERALD] >= TARGET_RATIO else "BELOW TARGET"
     c.say(
         f"median of {repeat}: "
-        + ", ".join(f"{v} {c.median(runs[v]):,.0f} tps" for v in VARIANTS)
+        + ", ".join(f"{v} {c.median(tps[v]):,.0f} tps" for v in VARIANTS)
         + "; median ratio to no trigger: "
         + ", ".join(f"{v} {ratios[v]:.2f}" for v in VARIANTS if v != NO_TRIGGER)
-        + f" (pgherald caught up {c.median(lags):.2f}s after pgbench)"
+        + f" (pgherald caught up {c.median([r.lag for r in runs[PGHERALD]]):.2f}s after pgbench)"
         + f"  [target pgherald/no trigger >= {TARGET_RATIO}: {verdict}]"
     )
 
