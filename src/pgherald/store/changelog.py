@@ -642,9 +642,15 @@ class ChangeLog:
         name = "read_events" if watch is None else "read_watch_events"
         with in_schema(self.conn, self.schema):
             rows = self._cursor().execute(query(name), params).fetchall()
-            ids = {r[8] for r in rows if r[8] is not None} | {
-                r[9] for r in rows if r[9] is not None
-            }
+            return self.stored_events(rows, loader)
+
+    def stored_events(
+        self, rows: Sequence[tuple[Any, ...]], loader: TypedLoader | None = None
+    ) -> list[StoredEvent]:
+        """Events from rows of ``events`` selected as ``read_events`` does (same columns, same
+        order), for queries of other parts that join the log (delivery claims)."""
+        ids = {r[8] for r in rows if r[8] is not None} | {r[9] for r in rows if r[9] is not None}
+        with in_schema(self.conn, self.schema):
             self._load_shapes(ids)
         return [StoredEvent(int(r[0]), self._event(r, loader)) for r in rows]
 
