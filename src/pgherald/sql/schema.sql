@@ -132,7 +132,10 @@ CREATE TABLE sinks (
     kind text NOT NULL,
     format text NOT NULL DEFAULT 'pgherald',
     config jsonb NOT NULL DEFAULT '{}',
-    created_at timestamptz NOT NULL DEFAULT now()
+    created_at timestamptz NOT NULL DEFAULT now(),
+    enabled boolean NOT NULL DEFAULT true,
+    strictly_ordered boolean NOT NULL DEFAULT false,
+    max_attempts integer NOT NULL DEFAULT 10 CHECK (max_attempts >= 1)
 );
 
 CREATE TABLE subscriptions (
@@ -159,12 +162,27 @@ CREATE TABLE deliveries (
     claimed_by text,
     claimed_until timestamptz,
     created_at timestamptz NOT NULL DEFAULT now(),
-    UNIQUE (event_id, sink)
+    UNIQUE (event_id, sink),
+    order_key text NOT NULL DEFAULT ''                -- the row (watch and key): one row's
+                                                     -- events go out in log order
 );
--- The claim query's index: due deliveries in order, without the finished ones.
-CREATE INDEX deliveries_due_idx ON deliveries (next_attempt_at, id)
-    WHERE status IN ('pending', 'failed');
 CREATE INDEX deliveries_sink_status_idx ON deliveries (sink, status);
+-- Claims: a sink's open deliveries in log order.
+CREATE INDEX deliveries_claim_idx ON deliveries (sink, id)
+    WHERE status IN ('pending', 'failed');
+-- "Is an earlier delivery of this row still open?" (per-row order).
+CREATE INDEX deliveries_order_idx ON deliveries (sink, order_key, id)
+    WHERE status IN ('pending', 'failed', 'delivering');
+
+-- Every attempt to deliver, with its outcome.
+CREATE TABLE delivery_attempts (
+    id bigserial PRIMARY KEY,
+    delivery_id bigint NOT NULL REFERENCES deliveries (id) ON DELETE CASCADE,
+    attempted_at timestamptz NOT NULL DEFAULT now(),
+    outcome text NOT NULL CHECK (outcome IN ('delivered', 'retry', 'dead')),
+    error text
+);
+CREATE INDEX delivery_attempts_delivery_idx ON delivery_attempts (delivery_id);
 
 -- Trigger capture's queue: rows appended by capture_change() in the writer's own
 -- transaction, moved into the change log (and deleted here) by pgherald in one
@@ -248,4 +266,4 @@ $create$, store, channel);
 END
 $install$;
 
-INSERT INTO schema_version (version) VALUES (2);
+INSERT INTO schema_version (version) VALUES (3);
