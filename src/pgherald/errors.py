@@ -40,6 +40,12 @@ class SinkError(PgHeraldError):
 class RetryableSinkError(SinkError):
     """Timeouts, connection errors, HTTP 429/5xx: the same delivery may succeed later."""
 
+    def __init__(self, message: str, *, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+        """Seconds the destination asked us to wait before trying again (HTTP
+        ``Retry-After``), or None: the delivery engine waits at least that long."""
+
 
 class PermanentSinkError(SinkError):
     """Bad payload, HTTP 4xx: retrying the same delivery cannot succeed."""
