@@ -22,3 +22,129 @@ SELECT d.event_id, d.sink, d.status, d.attempts, d.last_error
 FROM deliveries d
 WHERE %(sink)s::text IS NULL OR d.sink = %(sink)s
 ORDER BY d.id
+
+-- name: add_sink
+INSERT INTO sinks (name, kind, format, config, strictly_ordered, max_attempts)
+VALUES (%(name)s, %(kind)s, %(format)s, %(config)s, %(strictly_ordered)s, %(max_attempts)s)
+ON CONFLICT (name) DO NOTHING
+RETURNING name
+
+-- name: list_sinks
+SELECT name, kind, format, config, strictly_ordered, max_attempts, enabled, created_at
+FROM sinks
+ORDER BY name
+
+-- name: remove_sink
+DELETE FROM sinks WHERE name = %(name)s RETURNING name
+
+-- name: subscribe
+INSERT INTO subscriptions (sink, watch, filter, ignore_columns, from_event)
+VALUES (%(sink)s, %(watch)s, %(filter)s, %(ignore_columns)s,
+        (SELECT coalesce(max(id), 0) FROM events))
+ON CONFLICT (sink, watch) DO UPDATE
+SET filter = excluded.filter, ignore_columns = excluded.ignore_columns
+RETURNING id
+
+-- name: unsubscribe
+DELETE FROM subscriptions WHERE sink = %(sink)s AND watch = %(watch)s RETURNING id
+
+-- name: list_subscriptions
+SELECT s.id, s.sink, s.watch, s.filter, s.ignore_columns, k.strictly_ordered, k.enabled,
+       s.from_event
+FROM subscriptions s JOIN sinks k ON k.name = s.sink
+ORDER BY s.sink, s.watch
+
+-- name: insert_deliveries
+-- The router's output: one row per (event, sink); a replayed routing batch is harmless.
+INSERT INTO deliveries (event_id, sink, order_key)
+SELECT * FROM unnest(%(events)s::bigint[], %(sinks)s::text[], %(keys)s::text[])
+ON CONFLICT (event_id, sink) DO NOTHING
+
+-- name: claim_deliveries
+-- A sink's next due deliveries in log order, locked for this transaction (a worker that
+-- dies lets go of them at once), each only if no earlier delivery of its row is still
+-- open: one row's events go out in log order, also across retries and workers.
+SELECT d.id, d.attempts,
+       e.id, e.event_id, e.watch, e.op, e.schema_name, e.table_name, e.row_key,
+       e.key_columns, e.shape_id, e.old_shape_id, e.old_values, e.new_values, e.unchanged,
+       e.old_unchanged, e.changed, e.xid, e.position, e.commit_time, e.captured_at, e.method,
+       e.seq, e.old_values_source, e.meta
+FROM deliveries d
+JOIN events e ON e.id = d.event_id
+WHERE d.sink = %(sink)s
+  AND d.status IN ('pending', 'failed')
+  AND d.next_attempt_at <= now()
+  AND NOT EXISTS (
+      SELECT FROM deliveries o
+      WHERE o.sink = d.sink AND o.order_key = d.order_key AND o.id < d.id
+        AND o.status IN ('pending', 'failed', 'delivering')
+  )
+ORDER BY d.id
+LIMIT %(limit)s
+FOR UPDATE OF d SKIP LOCKED
+
+-- name: claim_strict
+-- A strictly ordered sink: the oldest open deliveries in log order, if the oldest is due.
+SELECT d.id, d.attempts,
+       e.id, e.event_id, e.watch, e.op, e.schema_name, e.table_name, e.row_key,
+       e.key_columns, e.shape_id, e.old_shape_id, e.old_values, e.new_values, e.unchanged,
+       e.old_unchanged, e.changed, e.xid, e.position, e.commit_time, e.captured_at, e.method,
+       e.seq, e.old_values_source, e.meta
+FROM deliveries d
+JOIN events e ON e.id = d.event_id
+WHERE d.sink = %(sink)s
+  AND d.status IN ('pending', 'failed')
+  AND (SELECT min(next_attempt_at) <= now() FROM (
+          SELECT next_attempt_at FROM deliveries
+          WHERE sink = %(sink)s AND status IN ('pending', 'failed') ORDER BY id LIMIT 1) h)
+ORDER BY d.id
+LIMIT %(limit)s
+FOR UPDATE OF d
+
+-- name: record_deliveries
+-- The outcomes of a batch: status, attempts, next attempt, error; and one attempt row each.
+WITH outcome AS (
+    SELECT * FROM unnest(%(ids)s::bigint[], %(statuses)s::text[], %(delays)s::float8[],
+                         %(errors)s::text[]) AS o(id, status, delay, error)
+), updated AS (
+    UPDATE deliveries d
+    SET status = o.status,
+        attempts = d.attempts + 1,
+        next_attempt_at = now() + make_interval(secs => o.delay),
+        last_error = o.error,
+        delivered_at = CASE WHEN o.status = 'delivered' THEN now() END
+    FROM outcome o
+    WHERE d.id = o.id
+    RETURNING d.id
+)
+INSERT INTO delivery_attempts (delivery_id, outcome, error)
+SELECT o.id, CASE o.status WHEN 'delivered' THEN 'delivered' WHEN 'dead' THEN 'dead'
+                           ELSE 'retry' END, o.error
+FROM outcome o
+
+-- name: deliveries_listing
+SELECT d.id, d.event_id, e.event_id, e.watch, e.op, d.sink, d.status, d.attempts,
+       d.next_attempt_at, d.last_error, d.delivered_at, d.created_at
+FROM deliveries d JOIN events e ON e.id = d.event_id
+WHERE (%(sink)s::text IS NULL OR d.sink = %(sink)s)
+  AND (%(status)s::text IS NULL OR d.status = %(status)s)
+ORDER BY d.id DESC
+LIMIT %(limit)s
+
+-- name: retry_deliveries
+UPDATE deliveries
+SET status = 'pending', next_attempt_at = now(), attempts = 0
+WHERE status IN ('dead', 'failed')
+  AND (%(ids)s::bigint[] IS NULL OR id = ANY(%(ids)s))
+  AND (%(sink)s::text IS NULL OR sink = %(sink)s)
+RETURNING id
+
+-- name: discard_deliveries
+UPDATE deliveries
+SET status = 'dead', last_error = coalesce(last_error || '; ', '') || 'discarded by hand'
+WHERE status IN ('pending', 'failed')
+  AND id = ANY(%(ids)s)
+RETURNING id
+
+-- name: delivery_counts
+SELECT sink, status, count(*) FROM deliveries GROUP BY sink, status ORDER BY sink, status

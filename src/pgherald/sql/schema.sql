@@ -145,7 +145,8 @@ CREATE TABLE subscriptions (
     filter jsonb NOT NULL DEFAULT '{}',
     ignore_columns text[] NOT NULL DEFAULT '{}',
     created_at timestamptz NOT NULL DEFAULT now(),
-    UNIQUE (sink, watch)
+    UNIQUE (sink, watch),
+    from_event bigint NOT NULL DEFAULT 0              -- events after this log id are its
 );
 CREATE INDEX subscriptions_watch_idx ON subscriptions (watch);
 

@@ -7,8 +7,11 @@ so a failure is visible in the store rather than only in a log.
 
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from datetime import datetime
+from typing import Any, Literal, LiteralString
 
 import psycopg
 from psycopg.types.json import Jsonb
@@ -68,3 +71,217 @@ def list_outcomes(
     with in_schema(conn, schema):
         rows = conn.execute(named_query("deliveries.sql", "list_deliveries"), {"sink": sink})
         return [DeliveryOutcome(int(r[0]), r[1], r[2], int(r[3]), r[4]) for r in rows]
+
+
+# -- sinks and subscriptions ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StoredSink:
+    name: str
+    kind: str
+    format: str
+    options: dict[str, Any]
+    strictly_ordered: bool
+    max_attempts: int
+    enabled: bool
+    created_at: datetime | None = None
+
+
+@dataclass(frozen=True)
+class StoredSubscription:
+    id: int
+    sink: str
+    watch: str
+    filter: dict[str, Any]
+    ignore_columns: tuple[str, ...]
+    strictly_ordered: bool
+    enabled: bool
+    from_event: int = 0
+    """The log id when it was made: it gets the events after it."""
+
+
+def deliveries_channel(schema: str) -> str:
+    """The NOTIFY channel on which the router announces new deliveries to the workers."""
+    channel = f"{schema}_deliveries"
+    if len(channel.encode("utf-8")) < 64:
+        return channel
+    return "pgherald_deliveries_" + hashlib.sha256(schema.encode("utf-8")).hexdigest()[:16]
+
+
+def _q(name: str) -> LiteralString:
+    return named_query("deliveries.sql", name)
+
+
+def add_sink(conn: psycopg.Connection[Any], schema: str, sink: StoredSink) -> bool:
+    """Stores a sink; False when one of that name exists (nothing is changed then)."""
+    with in_schema(conn, schema):
+        row = conn.execute(
+            _q("add_sink"),
+            {
+                "name": sink.name,
+                "kind": sink.kind,
+                "format": sink.format,
+                "config": Jsonb(sink.options),
+                "strictly_ordered": sink.strictly_ordered,
+                "max_attempts": sink.max_attempts,
+            },
+        ).fetchone()
+    return row is not None
+
+
+def list_sinks(conn: psycopg.Connection[Any], schema: str) -> list[StoredSink]:
+    with in_schema(conn, schema):
+        rows = conn.execute(_q("list_sinks")).fetchall()
+    return [StoredSink(r[0], r[1], r[2], dict(r[3] or {}), r[4], r[5], r[6], r[7]) for r in rows]
+
+
+def remove_sink(conn: psycopg.Connection[Any], schema: str, name: str) -> bool:
+    with in_schema(conn, schema):
+        return conn.execute(_q("remove_sink"), {"name": name}).fetchone() is not None
+
+
+def subscribe(
+    conn: psycopg.Connection[Any],
+    schema: str,
+    sink: str,
+    watch: str,
+    filter: Mapping[str, Any],
+    ignore_columns: Sequence[str],
+) -> int:
+    """Subscribes (or re-subscribes, replacing the filter); returns the subscription id."""
+    with in_schema(conn, schema):
+        row = conn.execute(
+            _q("subscribe"),
+            {
+                "sink": sink,
+                "watch": watch,
+                "filter": Jsonb(dict(filter)),
+                "ignore_columns": list(ignore_columns),
+            },
+        ).fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+def unsubscribe(conn: psycopg.Connection[Any], schema: str, sink: str, watch: str) -> bool:
+    with in_schema(conn, schema):
+        return (
+            conn.execute(_q("unsubscribe"), {"sink": sink, "watch": watch}).fetchone() is not None
+        )
+
+
+def list_subscriptions(conn: psycopg.Connection[Any], schema: str) -> list[StoredSubscription]:
+    with in_schema(conn, schema):
+        rows = conn.execute(_q("list_subscriptions")).fetchall()
+    return [
+        StoredSubscription(
+            int(r[0]), r[1], r[2], dict(r[3] or {}), tuple(r[4] or ()), r[5], r[6], int(r[7])
+        )
+        for r in rows
+    ]
+
+
+# -- the delivery queue ------------------------------------------------------------------------
+
+
+def insert_deliveries(
+    conn: psycopg.Connection[Any],
+    schema: str,
+    rows: Sequence[tuple[int, str, str]],
+) -> None:
+    """``(log id, sink, order key)`` rows, in one statement; duplicates are ignored."""
+    if not rows:
+        return
+    events, sinks, keys = (list(c) for c in zip(*rows, strict=True))
+    with in_schema(conn, schema):
+        conn.execute(_q("insert_deliveries"), {"events": events, "sinks": sinks, "keys": keys})
+
+
+@dataclass(frozen=True)
+class Claimed:
+    """A claimed delivery: its id, its attempts so far, and the event row (as read_events)."""
+
+    id: int
+    attempts: int
+    event_row: tuple[Any, ...]
+
+
+def claim(
+    conn: psycopg.Connection[Any], schema: str, sink: str, limit: int, strict: bool
+) -> list[Claimed]:
+    """Locks a batch of due deliveries in the caller's transaction (see the SQL's notes)."""
+    with in_schema(conn, schema):
+        rows = conn.execute(
+            _q("claim_strict" if strict else "claim_deliveries"), {"sink": sink, "limit": limit}
+        ).fetchall()
+    return [Claimed(int(r[0]), int(r[1]), tuple(r[2:])) for r in rows]
+
+
+def record(
+    conn: psycopg.Connection[Any],
+    schema: str,
+    outcomes: Sequence[tuple[int, Status, float, str | None]],
+) -> None:
+    """``(delivery id, new status, seconds until the next attempt, error)`` of a batch."""
+    if not outcomes:
+        return
+    ids, statuses, delays, errs = (list(c) for c in zip(*outcomes, strict=True))
+    with in_schema(conn, schema):
+        conn.execute(
+            _q("record_deliveries"),
+            {"ids": ids, "statuses": statuses, "delays": delays, "errors": errs},
+        )
+
+
+@dataclass(frozen=True)
+class DeliveryRow:
+    id: int
+    log_id: int
+    event_id: str
+    watch: str
+    op: str
+    sink: str
+    status: str
+    attempts: int
+    next_attempt_at: datetime
+    last_error: str | None
+    delivered_at: datetime | None
+    created_at: datetime
+
+
+def list_deliveries(
+    conn: psycopg.Connection[Any],
+    schema: str,
+    sink: str | None = None,
+    status: str | None = None,
+    limit: int = 100,
+) -> list[DeliveryRow]:
+    with in_schema(conn, schema):
+        rows = conn.execute(
+            _q("deliveries_listing"), {"sink": sink, "status": status, "limit": limit}
+        ).fetchall()
+    return [DeliveryRow(*r) for r in rows]
+
+
+def retry(
+    conn: psycopg.Connection[Any], schema: str, ids: Sequence[int] | None, sink: str | None
+) -> list[int]:
+    """Puts dead or failed deliveries back in line (all of a sink's, or these ids)."""
+    with in_schema(conn, schema):
+        rows = conn.execute(
+            _q("retry_deliveries"), {"ids": list(ids) if ids else None, "sink": sink}
+        ).fetchall()
+    return [int(r[0]) for r in rows]
+
+
+def discard(conn: psycopg.Connection[Any], schema: str, ids: Sequence[int]) -> list[int]:
+    """Gives up open deliveries by hand (they become dead, with a note)."""
+    with in_schema(conn, schema):
+        rows = conn.execute(_q("discard_deliveries"), {"ids": list(ids)}).fetchall()
+    return [int(r[0]) for r in rows]
+
+
+def counts(conn: psycopg.Connection[Any], schema: str) -> list[tuple[str, str, int]]:
+    with in_schema(conn, schema):
+        return [(r[0], r[1], int(r[2])) for r in conn.execute(_q("delivery_counts")).fetchall()]

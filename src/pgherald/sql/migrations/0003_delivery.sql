@@ -9,6 +9,9 @@ ALTER TABLE sinks
 
 ALTER TABLE deliveries ADD COLUMN order_key text NOT NULL DEFAULT '';
 
+-- A subscription gets the events logged after it was made, not the whole history.
+ALTER TABLE subscriptions ADD COLUMN from_event bigint NOT NULL DEFAULT 0;
+
 DROP INDEX deliveries_due_idx;
 -- Claims: a sink's open deliveries in log order.
 CREATE INDEX deliveries_claim_idx ON deliveries (sink, id)

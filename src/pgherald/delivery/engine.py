@@ -1,0 +1,285 @@
+"""The delivery engine: claims due deliveries in batches, sends them, records every outcome.
+
+Per sink, one loop:
+
+1. **Claim** a batch (``FOR UPDATE SKIP LOCKED``, joined to the events): the locks are
+   the claim, so several workers (threads, processes, machines) share a sink's load
+   without sending anything twice, and a worker that dies lets go of its batch at once.
+   A delivery is claimed only when no earlier delivery of its row is still open, so one
+   row's events reach the sink in log order, also across retries and workers.
+2. **Send** the batch to the sink (one call; the sink pipelines it), each message carrying
+   the event id as its idempotency key.
+3. **Record** each outcome in the same transaction that holds the claim: delivered;
+   retryable (back off exponentially with jitter, or as long as the sink was told to
+   wait, until the sink's ``max_attempts``, then dead); permanent (dead at once). Every
+   attempt is a row of ``delivery_attempts``.
+
+A crash between 2 and 3 sends that batch again: delivery is at least once, and the
+idempotency key lets consumers drop the duplicates. Strictly ordered sinks get all their
+deliveries in log order from a single worker (an advisory lock per sink).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import threading
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg
+
+from pgherald.config import Settings
+from pgherald.db.connect import connect
+from pgherald.db.types import TypeRegistry
+from pgherald.errors import (
+    ConfigError,
+    ConnectionFailed,
+    PermanentSinkError,
+    RetryableSinkError,
+    SinkError,
+)
+from pgherald.events.formats import FormatError
+from pgherald.sinks.base import Message, Outcome, Sink, check_format, make_message
+from pgherald.sources.listen import Listener
+from pgherald.store import deliveries
+from pgherald.store.changelog import ChangeLog, StoredEvent
+from pgherald.store.deliveries import Status, StoredSink, deliveries_channel
+
+log = logging.getLogger("pgherald.delivery")
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Exponential backoff with jitter: ``base * 2**(n-1)`` seconds, capped, times a random
+    factor in ``[1 - jitter, 1 + jitter]``; a sink's ``retry_after`` wins when longer."""
+
+    base: float = 0.5
+    maximum: float = 300.0
+    jitter: float = 0.5
+
+    def delay(self, attempts: int, retry_after: float | None = None) -> float:
+        raw = min(self.base * 2.0 ** max(attempts - 1, 0), self.maximum)
+        delay = raw * (1 - self.jitter + 2 * self.jitter * random.random())
+        return max(delay, retry_after or 0.0)
+
+
+@dataclass
+class SinkStats:
+    delivered: int = 0
+    retried: int = 0
+    dead: int = 0
+    batches: int = 0
+
+
+@dataclass(frozen=True)
+class _Batch:
+    ids: list[int]
+    attempts: list[int]
+    events: list[StoredEvent]
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+class DeliveryEngine:
+    """Delivers to the given sinks until stopped."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        sinks: Mapping[str, tuple[Sink, StoredSink]],
+        *,
+        batch_size: int = 500,
+        policy: RetryPolicy | None = None,
+        poll: float = 0.5,
+        source_uri: str = "pgherald",
+    ) -> None:
+        self.settings = settings
+        self.sinks = dict(sinks)
+        self.batch_size = batch_size
+        self.policy = policy or RetryPolicy()
+        self.poll = poll
+        self.source_uri = source_uri
+        self.stats = {name: SinkStats() for name in self.sinks}
+        self.connected = threading.Event()
+        self._wake: asyncio.Event | None = None
+
+    # -- running ---------------------------------------------------------------------------
+
+    def run_blocking(self, stop: threading.Event) -> None:
+        """Runs the engine in this thread's own event loop until ``stop`` is set."""
+        asyncio.run(self.run(stop))
+
+    async def run(self, stop: threading.Event) -> None:
+        self._wake = asyncio.Event()
+        tasks = [
+            asyncio.create_task(self._serve(name, sink, cfg, stop), name=f"deliver-{name}")
+            for name, (sink, cfg) in self.sinks.items()
+        ]
+        tasks.append(asyncio.create_task(self._listen(stop), name="deliveries-wake"))
+        self.connected.set()
+        try:
+            while not stop.is_set():
+                await asyncio.sleep(0.1)
+                failed = [t for t in tasks if t.done() and t.exception() is not None]
+                if failed:
+                    raise failed[0].exception()  # type: ignore[misc]
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            for sink, _ in self.sinks.values():
+                try:
+                    await sink.close()
+                except Exception as e:  # closing is best effort
+                    log.warning("closing sink %s: %s", sink.name, _one_line(e))
+
+    async def _listen(self, stop: threading.Event) -> None:
+        assert self._wake is not None
+        wake = self._wake
+
+        def woken(_: object = None) -> None:
+            wake.set()
+
+        async with Listener(
+            self.settings.dsn, [deliveries_channel(self.settings.schema)], on_reconnect=woken
+        ) as listener:
+            listener.add_callback(woken)
+            while not stop.is_set():  # noqa: ASYNC110 (stop is a threading.Event)
+                await asyncio.sleep(0.2)
+
+    async def _idle(self, stop: threading.Event) -> None:
+        assert self._wake is not None
+        self._wake.clear()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._wake.wait(), self.poll)
+
+    async def _serve(self, name: str, sink: Sink, cfg: StoredSink, stop: threading.Event) -> None:
+        delay = 0.5
+        while not stop.is_set():
+            try:
+                await sink.start()
+                break
+            except Exception as e:  # a broker that is down: keep trying
+                log.warning(
+                    "sink %s cannot start (%s); retrying in %.1fs", name, _one_line(e), delay
+                )
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 30.0)
+        delay = 0.5
+        while not stop.is_set():
+            try:
+                await self._deliver_loop(name, sink, cfg, stop)
+                return
+            except (psycopg.OperationalError, ConnectionFailed) as e:
+                log.warning("delivery to %s lost the store (%s); retrying", name, _one_line(e))
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 30.0)
+
+    async def _deliver_loop(
+        self, name: str, sink: Sink, cfg: StoredSink, stop: threading.Event
+    ) -> None:
+        conn = await asyncio.to_thread(
+            connect, self.settings, application_name=f"pgherald-deliver-{name}"[:63]
+        )
+        try:
+            loader = await asyncio.to_thread(TypeRegistry.load, conn)
+            await asyncio.to_thread(conn.commit)
+            if cfg.strictly_ordered:
+                # Another worker delivers to this strictly ordered sink: stand by.
+                while not stop.is_set() and not await asyncio.to_thread(self._lead, conn, name):  # noqa: ASYNC110
+                    await asyncio.sleep(1.0)
+            changelog = ChangeLog(conn, self.settings.schema)
+            while not stop.is_set():
+                batch = await asyncio.to_thread(
+                    self._claim, conn, changelog, name, cfg.strictly_ordered, loader
+                )
+                if not batch.ids:
+                    await self._idle(stop)
+                    continue
+                outcomes = await self._send(sink, cfg, batch)
+                await asyncio.to_thread(self._record, conn, name, cfg, batch, outcomes)
+        finally:
+            await asyncio.to_thread(conn.close)
+
+    def _lead(self, conn: psycopg.Connection[Any], name: str) -> bool:
+        row = conn.execute(
+            "SELECT pg_try_advisory_lock(hashtext('pgherald.sink:' || %s || ':' || %s))",
+            (self.settings.schema, name),
+        ).fetchone()
+        conn.commit()
+        return bool(row and row[0])
+
+    def _claim(
+        self,
+        conn: psycopg.Connection[Any],
+        changelog: ChangeLog,
+        name: str,
+        strict: bool,
+        loader: TypeRegistry,
+    ) -> _Batch:
+        claimed = deliveries.claim(conn, self.settings.schema, name, self.batch_size, strict)
+        if not claimed:
+            conn.rollback()
+            return _Batch([], [], [])
+        events = changelog.stored_events([c.event_row for c in claimed], loader)
+        return _Batch([c.id for c in claimed], [c.attempts for c in claimed], events)
+
+    async def _send(self, sink: Sink, cfg: StoredSink, batch: _Batch) -> list[Outcome]:
+        outcomes: list[Outcome] = [None] * len(batch.ids)
+        messages: list[Message] = []
+        where: list[int] = []
+        for i, stored in enumerate(batch.events):
+            try:
+                fmt = check_format(cfg.format)
+                messages.append(make_message(stored.event, stored.id, fmt, self.source_uri))
+                where.append(i)
+            except (FormatError, ConfigError) as e:
+                outcomes[i] = PermanentSinkError(str(e))
+        if messages:
+            try:
+                sent = await sink.send(messages)
+                if len(sent) != len(messages):
+                    raise RetryableSinkError(
+                        f"sink returned {len(sent)} outcomes for {len(messages)} messages"
+                    )
+            except SinkError as e:
+                sent = [e] * len(messages)
+            except Exception as e:  # a sink's bug or an unexpected library error: retry
+                sent = [RetryableSinkError(_one_line(e))] * len(messages)
+            for i, outcome in zip(where, sent, strict=True):
+                outcomes[i] = outcome
+        return outcomes
+
+    def _record(
+        self,
+        conn: psycopg.Connection[Any],
+        name: str,
+        cfg: StoredSink,
+        batch: _Batch,
+        outcomes: Sequence[Outcome],
+    ) -> None:
+        stats = self.stats[name]
+        rows: list[tuple[int, Status, float, str | None]] = []
+        for delivery_id, attempts, outcome in zip(batch.ids, batch.attempts, outcomes, strict=True):
+            tried = attempts + 1
+            if outcome is None:
+                rows.append((delivery_id, "delivered", 0.0, None))
+                stats.delivered += 1
+            elif isinstance(outcome, PermanentSinkError) or tried >= cfg.max_attempts:
+                rows.append((delivery_id, "dead", 0.0, _one_line(outcome)))
+                stats.dead += 1
+            else:
+                retry_after = getattr(outcome, "retry_after", None)
+                delay = self.policy.delay(tried, float(retry_after) if retry_after else None)
+                rows.append((delivery_id, "failed", delay, _one_line(outcome)))
+                stats.retried += 1
+        deliveries.record(conn, self.settings.schema, rows)
+        conn.commit()
+        stats.batches += 1
