@@ -42,33 +42,43 @@ from pgherald.sources.logical import describe_shape_change
 _FILE: Final = "snapshot.sql"
 FETCH_BATCH: Final = 5000
 
-# Types whose ``=`` means "the same text output", compared typed (fast); every other type
-# is compared by its text output, which is exact for all of them (json has no ``=``, box
-# compares areas, citext ignores case...).
-_TYPED_EQUALITY: Final = frozenset(
+# How a column is compared, by type. The rule is PostgreSQL's text output (what every
+# source stores): a value changed when its text output changed. Types whose ``=`` says
+# exactly that are compared typed, which is fast; some are nearly so and get a cheap extra
+# test (below); every other type is compared by its text output, which is exact for all of
+# them (json has no ``=``, box compares areas, interval counts a day as 24 hours, citext and
+# bpchar ignore what they ignore...).
+_EXACT_EQUALITY: Final = frozenset(
     {
         16,  # bool
         17,  # bytea
         18,  # char
-        19,  # name
         20,  # int8
         21,  # int2
         23,  # int4
-        25,  # text
         26,  # oid
-        700,  # float4
-        701,  # float8
-        1042,  # bpchar
-        1043,  # varchar
         1082,  # date
         1083,  # time
         1114,  # timestamp
-        1184,  # timestamptz
-        1700,  # numeric
+        1184,  # timestamptz (printed in UTC: equal instants print alike)
         2950,  # uuid
-        3802,  # jsonb
     }
 )
+_NUMERIC: Final = 1700  # 1.0 = 1.00: equal, and of the same scale
+_FLOATS: Final = frozenset({700, 701})  # -0 = 0: at zero, the texts decide
+_STRINGS: Final = frozenset({19, 25, 1043})  # name, text, varchar: bytewise (COLLATE "C")
+_TYPED_EQUALITY: Final = _EXACT_EQUALITY | _FLOATS | _STRINGS | {_NUMERIC}
+"""Types compared typed; ``=`` can join their keys and a unique index can guard them."""
+
+# Types whose cast to text is not their output function: the cast says ``true`` for ``t``,
+# drops char(n)'s padding, adds ``/32`` to an inet address.
+_OUTPUT_FUNCTIONS: Final = {
+    16: "boolout",
+    18: "charout",
+    650: "cidr_out",
+    869: "inet_out",
+    1042: "bpcharout",
+}
 
 
 class SnapshotError(CaptureError):
@@ -123,21 +133,46 @@ def _col(alias: str, name: str) -> sql.Composable:
     return sql.SQL("{}.{}").format(sql.Identifier(alias), sql.Identifier(name))
 
 
-def _same(a: sql.Composable, b: sql.Composable, type_oid: int) -> sql.Composable:
-    """``a`` and ``b`` hold the same value (for join keys; never NULL there)."""
-    if type_oid in _TYPED_EQUALITY:
+_NUMERIC_DIFFER: Final = sql.SQL(
+    "({0} IS DISTINCT FROM {1} OR scale({0}) IS DISTINCT FROM scale({1}))"
+)
+_FLOAT_DIFFER: Final = sql.SQL("({0} IS DISTINCT FROM {1} OR ({0} = 0 AND {0}::text <> {1}::text))")
+
+
+def _text(a: sql.Composable, type_oid: int) -> sql.Composable:
+    """``a``'s text output, as every source stores it (NULL stays NULL)."""
+    function = _OUTPUT_FUNCTIONS.get(type_oid)
+    if function is not None:
+        return sql.SQL("{}({})::text").format(sql.Identifier("pg_catalog", function), a)
+    return sql.SQL("{}::text").format(a)
+
+
+def _typed(type_a: int, type_b: int) -> bool:
+    return type_a == type_b and type_a in _TYPED_EQUALITY
+
+
+def _same(a: sql.Composable, b: sql.Composable, type_a: int, type_b: int) -> sql.Composable:
+    """``a`` and ``b`` hold the same key (never NULL there), as the key's ``=`` sees it."""
+    if _typed(type_a, type_b):
         return sql.SQL("{} = {}").format(a, b)
-    return sql.SQL("{}::text = {}::text").format(a, b)
+    return sql.SQL("{} = {}").format(_text(a, type_a), _text(b, type_b))
 
 
-def _differ(a: sql.Composable, b: sql.Composable, type_oid: int) -> sql.Composable:
-    if type_oid in _TYPED_EQUALITY:
-        return sql.SQL("{} IS DISTINCT FROM {}").format(a, b)
-    return sql.SQL("{}::text IS DISTINCT FROM {}::text").format(a, b)
+def _differ(a: sql.Composable, b: sql.Composable, type_a: int, type_b: int) -> sql.Composable:
+    """``a`` and ``b`` differ in their text output (NULL and NULL do not)."""
+    if not _typed(type_a, type_b):
+        return sql.SQL("{} IS DISTINCT FROM {}").format(_text(a, type_a), _text(b, type_b))
+    if type_a == _NUMERIC:
+        return _NUMERIC_DIFFER.format(a, b)
+    if type_a in _FLOATS:
+        return _FLOAT_DIFFER.format(a, b)
+    if type_a in _STRINGS:
+        return sql.SQL('{} COLLATE "C" IS DISTINCT FROM {} COLLATE "C"').format(a, b)
+    return sql.SQL("{} IS DISTINCT FROM {}").format(a, b)
 
 
 def _groupable(a: sql.Composable, type_oid: int) -> sql.Composable:
-    return a if type_oid in _TYPED_EQUALITY else sql.SQL("{}::text").format(a)
+    return a if type_oid in _TYPED_EQUALITY else _text(a, type_oid)
 
 
 class SnapshotComparer:
@@ -220,12 +255,7 @@ class SnapshotComparer:
             emit([events.schema(describe_shape_change(old_shape, new_shape))])
             out.events += 1
         before_names = {n for n, _ in before}
-        before_types = dict(before)
-        shared = [
-            (n, t if before_types[n] == t else 0)  # retyped: compare the texts
-            for n, t in current
-            if n in before_names
-        ]
+        shared = [(n, t) for n, t in current if n in before_names]
         if watch.key_columns:
             missing = [k for k in watch.key_columns if k not in before_names]
             if missing:
@@ -260,7 +290,7 @@ class SnapshotComparer:
                 if made:
                     emit(made)
         else:
-            self._multiset_diff(conn, watch, shared)
+            self._multiset_diff(conn, watch, before, shared)
             self._rebuild(conn, watch, current)
             shared_shape = self._shape([(n, dict(current)[n]) for n, _ in shared])
             for batch in self._fetch_multiset(conn, shared):
@@ -301,11 +331,12 @@ class SnapshotComparer:
             return int(row[0]) if row else 0
         types = dict(current)
         keys = [_groupable(_col("c", k), types[k]) for k in watch.key_columns]
+        texts = [_text(_col("c", k), types[k]) for k in watch.key_columns]
         row = conn.execute(
             _q("check_keys").format(
                 current=self._cur(watch, current),
                 keys=sql.SQL(", ").join(keys),
-                key_texts=sql.SQL(", ").join(sql.SQL("{}::text").format(k) for k in keys),
+                key_texts=sql.SQL(", ").join(texts),
                 any_null=sql.SQL(" OR ").join(
                     sql.SQL("{} IS NULL").format(_col("c", k)) for k in watch.key_columns
                 ),
@@ -354,10 +385,16 @@ class SnapshotComparer:
         current: Sequence[tuple[str, int]],
         shared: Sequence[tuple[str, int]],
     ) -> None:
-        types = dict(current)
+        types, before_types = dict(current), dict(before)
         keys = watch.key_columns
-        compared = [(n, t) for n, t in shared if n not in keys]
-        differs = [_differ(_col("b", n), _col("c", n), t) for n, t in compared]
+        # A key whose ``=`` is not exact (1.0 = 1.00) can match a row whose key's text
+        # changed: such keys are compared like the other columns.
+        compared = [
+            (n, t)
+            for n, t in shared
+            if n not in keys or (_typed(before_types[n], t) and t not in _EXACT_EQUALITY)
+        ]
+        differs = [_differ(_col("b", n), _col("c", n), before_types[n], t) for n, t in compared]
         conn.execute(sql.SQL("DROP TABLE IF EXISTS pg_temp.pgherald_diff"))
         conn.execute(
             _q("keyed_diff").format(
@@ -376,8 +413,8 @@ class SnapshotComparer:
                     for i, k in enumerate(keys)
                 ),
                 old_values=sql.SQL(", ").join(
-                    sql.SQL("{}::text AS {}").format(_col("b", n), sql.Identifier(f"o_{i}"))
-                    for i, (n, _) in enumerate(before)
+                    sql.SQL("{} AS {}").format(_text(_col("b", n), t), sql.Identifier(f"o_{i}"))
+                    for i, (n, t) in enumerate(before)
                 ),
                 new_values=sql.SQL(", ").join(
                     sql.SQL("{} AS {}").format(_col("c", n), sql.Identifier(f"n_{i}"))
@@ -386,7 +423,7 @@ class SnapshotComparer:
                 baseline=self._baseline(watch),
                 current=self._cur(watch, current),
                 join=sql.SQL(" AND ").join(
-                    _same(_col("b", k), _col("c", k), types[k]) for k in keys
+                    _same(_col("b", k), _col("c", k), before_types[k], types[k]) for k in keys
                 ),
                 any_differs=sql.SQL(" OR ").join(differs) if differs else sql.SQL("false"),
             )
@@ -404,7 +441,7 @@ class SnapshotComparer:
             _q("apply_deletes").format(
                 baseline=table,
                 match=sql.SQL(" AND ").join(
-                    _same(_col("b", k), _col("d", f"k_{i}"), types[k])
+                    _same(_col("b", k), _col("d", f"k_{i}"), types[k], types[k])
                     for i, k in enumerate(watch.key_columns)
                 ),
             )
@@ -431,11 +468,9 @@ class SnapshotComparer:
         composed = statement.format(
             baseline=self._baseline(watch),
             new_texts=sql.SQL(", ").join(
-                sql.SQL("{}::text").format(sql.Identifier(f"n_{i}")) for i in range(len(current))
+                _text(sql.Identifier(f"n_{i}"), t) for i, (_, t) in enumerate(current)
             ),
-            base_texts=sql.SQL(", ").join(
-                sql.SQL("{}::text").format(sql.Identifier(n)) for n, _ in current
-            ),
+            base_texts=sql.SQL(", ").join(_text(sql.Identifier(n), t) for n, t in current),
             old_texts=sql.SQL(", ").join(sql.Identifier(f"o_{i}") for i in range(len(before)))
             or sql.SQL("NULL"),
             order=sql.SQL(", ").join(order) if order else sql.SQL("1"),
@@ -450,9 +485,11 @@ class SnapshotComparer:
         self,
         conn: psycopg.Connection[Any],
         watch: SnapshotWatch,
+        before: Sequence[tuple[str, int]],
         shared: Sequence[tuple[str, int]],
     ) -> None:
         names = [n for n, _ in shared]
+        before_types = dict(before)
         texts = [sql.Identifier(f"t_{i}") for i in range(len(names))]
         conn.execute(sql.SQL("DROP TABLE IF EXISTS pg_temp.pgherald_diff"))
         conn.execute(
@@ -460,11 +497,11 @@ class SnapshotComparer:
                 texts=sql.SQL(", ").join(texts) if texts else sql.SQL("NULL::text AS t_0"),
                 group=sql.SQL(", ").join(texts) if texts else sql.SQL("1"),
                 b_texts=sql.SQL(", ").join(
-                    sql.SQL("{}::text AS {}").format(_col("b", n), t)
+                    sql.SQL("{} AS {}").format(_text(_col("b", n), before_types[n]), t)
                     for n, t in zip(names, texts, strict=True)
                 )
                 or sql.SQL("NULL::text AS t_0"),
-                c_texts=sql.SQL(", ").join(sql.SQL("{}::text").format(_col("c", n)) for n in names)
+                c_texts=sql.SQL(", ").join(_text(_col("c", n), t) for n, t in shared)
                 or sql.SQL("NULL::text"),
                 baseline=self._baseline(watch),
                 current=self._cur(watch, shared),

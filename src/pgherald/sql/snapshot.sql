@@ -11,12 +11,24 @@ SELECT * FROM ({query}) AS q LIMIT 0
 (SELECT {columns} FROM ({query}) AS q)
 
 -- name: baseline_columns
-SELECT a.attname, a.atttypid::int
-FROM pg_attribute a
-JOIN pg_class c ON c.oid = a.attrelid
-JOIN pg_namespace n ON n.oid = c.relnamespace
-WHERE n.nspname = %(store)s AND c.relname = %(table)s AND a.attnum > 0 AND NOT a.attisdropped
-ORDER BY a.attnum
+-- A domain's column as its base type (a domain of a domain: down to the base), which is
+-- what a result's description says; else every run of a domain column saw a retyped column.
+WITH RECURSIVE col AS (
+    SELECT a.attnum, a.attname, a.atttypid AS typ
+    FROM pg_attribute a
+    JOIN pg_class c ON c.oid = a.attrelid
+    JOIN pg_namespace n ON n.oid = c.relnamespace
+    WHERE n.nspname = %(store)s AND c.relname = %(table)s AND a.attnum > 0
+      AND NOT a.attisdropped
+    UNION ALL
+    SELECT col.attnum, col.attname, t.typbasetype
+    FROM col JOIN pg_type t ON t.oid = col.typ
+    WHERE t.typtype = 'd'
+)
+SELECT col.attname, col.typ::int
+FROM col JOIN pg_type t ON t.oid = col.typ
+WHERE t.typtype <> 'd'
+ORDER BY col.attnum
 
 -- name: count_rows
 SELECT count(*) FROM {current} c
