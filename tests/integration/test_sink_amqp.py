@@ -325,6 +325,30 @@ def test_a_hanging_broker_times_out_as_retryable_then_recovers() -> None:
     run(main())
 
 
+def test_a_connection_lost_while_confirms_are_awaited_fails_at_once() -> None:
+    batch = messages([change(seq) for seq in range(1, 51)])
+
+    async def main() -> None:
+        async with exchange() as (name, consumer), TcpProxy("127.0.0.1", 5672) as proxy:
+            url = f"amqp://guest:guest@127.0.0.1:{proxy.port}/"
+            async with started(sink_for(name, url=url, timeout=10)) as sink:
+                await proxy.stall()
+                sending = asyncio.create_task(sink.send(batch))
+                await asyncio.sleep(0.3)
+                assert not sending.done()
+                began = time.monotonic()
+                await proxy.cut()
+                outcomes = await sending
+                assert time.monotonic() - began < 2, "must not wait for the timeout"
+                assert all(isinstance(o, RetryableSinkError) for o in outcomes), outcomes
+                await proxy.restore()
+                assert await sink.send(batch) == [None] * len(batch)
+            got = await consumer.take(len(batch))
+            assert [m.message_id for m in got] == [m.idempotency_key for m in batch]
+
+    run(main())
+
+
 def test_a_broker_down_at_start_is_retryable_and_picked_up_later() -> None:
     sent = message(change(1))
 
