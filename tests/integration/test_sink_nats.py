@@ -28,6 +28,7 @@ import nats.js.errors
 import pytest
 from nats.aio.client import Client
 
+import pgherald.sinks.nats
 from pgherald.errors import ConfigError, PermanentSinkError, RetryableSinkError
 from pgherald.events import Operation
 from pgherald.events.formats import FORMATS, Format, to_format
@@ -149,6 +150,20 @@ def test_a_batch_is_stored_in_order_with_body_headers_and_subject() -> None:
             assert got.headers["pgherald-operation"] == e.op
             assert got.headers["pgherald-table"] == f"{e.schema}.{e.table}"
             assert got.headers["pgherald-watch"] == e.watch
+
+    run(main())
+
+
+def test_a_batch_larger_than_the_pending_limit_goes_in_chunks(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(pgherald.sinks.nats, "_MAX_PENDING", 7)
+    batch = messages([change(seq) for seq in range(1, 31)])
+
+    async def main() -> None:
+        async with place() as here, started(here.sink(timeout=5)) as sink:
+            assert await sink.send(batch) == [None] * len(batch)
+            assert [m.data for m in await here.stored()] == [m.body for m in batch]
 
     run(main())
 

@@ -57,6 +57,8 @@ _HEADER_SAFE: Final = "!#$&'()*+,/:;=?@[]~-._"
 _MESSAGE_TOO_BIG: Final = frozenset({10054})
 """JetStream error codes that are the message's fault: retrying cannot help."""
 _DETAIL_CHARS: Final = 200
+_MAX_PENDING: Final = 10_000
+"""Publishes awaiting their ack at most; a larger batch goes out in chunks of this size."""
 
 
 class NatsSink:
@@ -119,18 +121,40 @@ class NatsSink:
             # The server as a whole is unavailable or refuses us: the events are fine.
             return [RetryableSinkError(str(exc))] * len(batch)
         outcomes: list[Outcome] = [None] * len(batch)
+        for start in range(0, len(batch), _MAX_PENDING):
+            chunk = range(start, min(start + _MAX_PENDING, len(batch)))
+            if not await self._send_chunk(js, lost, batch, chunk, outcomes):
+                for i in range(chunk.stop, len(batch)):
+                    outcomes[i] = _ConnectionLost(f"nats {self._target}: not sent, connection lost")
+                break
+        if any(isinstance(o, _ConnectionLost) for o in outcomes):
+            await self.close()
+        return outcomes
+
+    async def _send_chunk(
+        self,
+        js: nats.js.JetStreamContext,
+        lost: asyncio.Event,
+        batch: Sequence[Message],
+        chunk: range,
+        outcomes: list[Outcome],
+    ) -> bool:
+        """Publishes ``batch[chunk]`` and awaits its acks; False when the connection
+        failed."""
         pending: dict[int, asyncio.Future[nats.js.api.PubAck]] = {}
         broken = False
-        for i, message in enumerate(batch):
-            subject = self.subject(message.event)
+        for i in chunk:
+            message = batch[i]
             if broken:
                 outcomes[i] = _ConnectionLost(f"nats {self._target}: not sent, connection lost")
                 continue
             try:
+                # No wait_stall: the chunk fits under the context's limit of pending
+                # publishes, so this only appends to the connection's buffer, without
+                # yielding to the loop; the whole chunk goes out in a few writes.
                 pending[i] = await js.publish_async(
-                    subject,
+                    self.subject(message.event),
                     message.body,
-                    wait_stall=self.timeout,
                     stream=self.stream,
                     headers=self._headers(message),
                 )
@@ -144,9 +168,7 @@ class NatsSink:
                 broken = True
         if pending:
             await self._await_acks(pending, outcomes, lost)
-        if any(isinstance(o, _ConnectionLost) for o in outcomes):
-            await self.close()
-        return outcomes
+        return not broken and not any(isinstance(outcomes[i], _ConnectionLost) for i in chunk)
 
     async def _await_acks(
         self,
@@ -250,7 +272,7 @@ class NatsSink:
                 f"nats {self._target}: cannot connect: {self._error(exc)}"
             ) from None
         self._nc, self._lost = nc, lost
-        js = nc.jetstream(timeout=self.timeout)
+        js = nc.jetstream(timeout=self.timeout, publish_async_max_pending=_MAX_PENDING)
         if not self._stream_ready:
             try:
                 await self._make_stream(js)
