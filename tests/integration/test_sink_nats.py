@@ -424,6 +424,7 @@ def test_a_server_without_jetstream_is_refused_clearly(server_without_jetstream:
         ({"stream": "a b"}, "cannot hold dots"),
         ({"stream": "s", "servers": "http://h:4222"}, "must be a nats://"),
         ({"stream": "s", "servers": " , "}, "at least one server"),
+        ({"stream": "s", "servers": "nats://h:99999"}, "is not a valid URL"),
         ({"stream": "s", "subject_prefix": "a..b"}, "non-empty tokens"),
         ({"stream": "s", "subject_prefix": "a.*"}, "without wildcards"),
         ({"stream": "s", "subject_prefix": "a b"}, "without wildcards"),
@@ -460,3 +461,8 @@ def test_defaults_and_several_servers() -> None:
     assert several.servers == ["nats://a:4222", "tls://u:pw@b:4222"]
     assert several.subject(change(1)) == "acme.cdc.public.orders"
     assert "pw" not in several._target
+    token = from_config(
+        SinkConfig("s", "nats", options={"stream": "e", "servers": "nats://s3cret-token@h:4222"})
+    )
+    assert token._target == "nats://h:4222"
+    assert token._secrets == ["s3cret-token"]

@@ -32,11 +32,11 @@ import asyncio
 import contextlib
 from collections.abc import Sequence
 from typing import Final, Literal
+from urllib.parse import urlsplit
 
 import aio_pika
 import aio_pika.abc
 import aiormq.exceptions
-from yarl import URL
 
 from pgherald.errors import ConfigError, PermanentSinkError, RetryableSinkError, SinkError
 from pgherald.events import ChangeEvent
@@ -72,7 +72,7 @@ class AmqpSink:
         self.timeout = timeout
         self.strictly_ordered = strictly_ordered
         self._target = redacted(url)
-        self._password = URL(url).password or ""
+        self._secrets = credentials(url)
         self._connection: aio_pika.abc.AbstractConnection | None = None
         self._channel: aio_pika.abc.AbstractChannel | None = None
         self._exchange: aio_pika.abc.AbstractExchange | None = None
@@ -216,8 +216,8 @@ class AmqpSink:
 
     def _detail(self, exc: BaseException) -> str:
         text = " ".join(str(exc).split())
-        if self._password:
-            text = text.replace(self._password, "***")
+        for secret in self._secrets:
+            text = text.replace(secret, "***")
         return text if len(text) <= _DETAIL_CHARS else text[: _DETAIL_CHARS - 3] + "..."
 
     def _error(self, exc: BaseException) -> str:
@@ -241,10 +241,23 @@ def routing_key_of(event: ChangeEvent) -> str:
 def redacted(url: str) -> str:
     """The URL without credentials or query, for messages."""
     try:
-        parsed = URL(url)
-    except (TypeError, ValueError):
+        parsed = urlsplit(url)
+        host, port = parsed.hostname or "", parsed.port
+    except ValueError:
         return "<invalid url>"
-    return str(parsed.with_user(None).with_query(None).with_fragment(None))
+    host = f"[{host}]" if ":" in host else host
+    return f"{parsed.scheme}://{host}{'' if port is None else f':{port}'}{parsed.path}"
+
+
+def credentials(url: str) -> list[str]:
+    """The password of a URL (or a lone user, which may be a token), to keep out of
+    messages."""
+    try:
+        parsed = urlsplit(url)
+    except ValueError:
+        return []
+    secret = parsed.password or parsed.username
+    return [secret] if secret else []
 
 
 def from_config(config: SinkConfig) -> AmqpSink:
@@ -261,10 +274,11 @@ def from_config(config: SinkConfig) -> AmqpSink:
         return ConfigError(f"sink {config.name!r} ({config.kind}): {message}")
 
     try:
-        parsed = URL(url)
-    except (TypeError, ValueError):
+        parsed = urlsplit(url)
+        host, _ = parsed.hostname, parsed.port
+    except ValueError:
         raise fail("option 'url' is not a valid URL") from None
-    if parsed.scheme not in ("amqp", "amqps") or not parsed.host:
+    if parsed.scheme not in ("amqp", "amqps") or not host:
         raise fail(f"option 'url' must be an amqp:// or amqps:// URL, not {redacted(url)!r}")
     if len(exchange.encode()) > _MAX_SHORTSTR:
         raise fail(f"option 'exchange' is longer than {_MAX_SHORTSTR} bytes")

@@ -33,7 +33,7 @@ import re
 from asyncio import FIRST_COMPLETED
 from collections.abc import Sequence
 from typing import Final
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 import nats
 import nats.errors
@@ -41,7 +41,6 @@ import nats.js
 import nats.js.api
 import nats.js.errors
 from nats.aio.client import Client
-from yarl import URL
 
 from pgherald.errors import ConfigError, PermanentSinkError, RetryableSinkError, SinkError
 from pgherald.events import ChangeEvent
@@ -83,7 +82,7 @@ class NatsSink:
         self.timeout = timeout
         self.strictly_ordered = strictly_ordered
         self._target = ",".join(redacted(s) for s in self.servers)
-        self._secrets = [p for p in (URL(s).password for s in self.servers) if p]
+        self._secrets = [secret for s in self.servers for secret in credentials(s)]
         self._nc: Client | None = None
         self._js: nats.js.JetStreamContext | None = None
         self._lost: asyncio.Event | None = None
@@ -349,10 +348,22 @@ def header_value(value: str) -> str:
 def redacted(server: str) -> str:
     """A server URL without credentials, for messages."""
     try:
-        parsed = URL(server)
-    except (TypeError, ValueError):
+        parsed = urlsplit(server)
+        host, port = parsed.hostname or "", parsed.port
+    except ValueError:
         return "<invalid url>"
-    return str(parsed.with_user(None).with_query(None).with_fragment(None))
+    host = f"[{host}]" if ":" in host else host
+    return f"{parsed.scheme}://{host}{'' if port is None else f':{port}'}"
+
+
+def credentials(server: str) -> list[str]:
+    """The password of a server URL (or a lone user: a token), to keep out of messages."""
+    try:
+        parsed = urlsplit(server)
+    except ValueError:
+        return []
+    secret = parsed.password or parsed.username
+    return [secret] if secret else []
 
 
 def from_config(config: SinkConfig) -> NatsSink:
@@ -373,10 +384,11 @@ def from_config(config: SinkConfig) -> NatsSink:
         raise fail("option 'servers' must name at least one server")
     for server in servers:
         try:
-            parsed = URL(server)
-        except (TypeError, ValueError):
+            parsed = urlsplit(server)
+            host, _ = parsed.hostname, parsed.port
+        except ValueError:
             raise fail(f"server {redacted(server)!r} is not a valid URL") from None
-        if parsed.scheme not in SCHEMES or not parsed.host:
+        if parsed.scheme not in SCHEMES or not host:
             raise fail(
                 f"server {redacted(server)!r} must be a nats://, tls://, ws:// or wss:// URL"
                 " with a host"
