@@ -349,6 +349,26 @@ def test_a_connection_lost_while_confirms_are_awaited_fails_at_once() -> None:
     run(main())
 
 
+def test_an_exchange_deleted_under_the_sink_is_declared_again() -> None:
+    async def main() -> None:
+        async with exchange() as (name, consumer), started(sink_for(name)) as sink:
+            assert await sink.send([message(change(1))]) == [None]
+            await consumer.take(1)
+            cleanup = await consumer.queue.channel.get_underlay_channel()
+            await cleanup.exchange_delete(name)
+            (outcome,) = await sink.send([message(change(2))])
+            assert isinstance(outcome, RetryableSinkError)
+            # Declared again on the next send; the consumer binds its queue again.
+            (outcome,) = await sink.send([message(change(2))])
+            assert isinstance(outcome, RetryableSinkError)
+            assert "no queue is bound" in str(outcome)
+            await consumer.queue.bind(name, "#")
+            assert await sink.send([message(change(2))]) == [None]
+            assert (await consumer.take(1))[0].message_id == change(2).event_id
+
+    run(main())
+
+
 def test_a_broker_down_at_start_is_retryable_and_picked_up_later() -> None:
     sent = message(change(1))
 

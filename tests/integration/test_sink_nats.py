@@ -256,6 +256,21 @@ def test_names_become_valid_subject_tokens() -> None:
     assert subject_token("a.b") == "a_b"
 
 
+def test_a_stream_deleted_under_the_sink_is_made_again() -> None:
+    async def main() -> None:
+        async with place() as here, started(here.sink()) as sink:
+            assert await sink.send([message(change(1))]) == [None]
+            await here.js.delete_stream(here.stream)
+            (outcome,) = await sink.send([message(change(2))])
+            assert isinstance(outcome, RetryableSinkError)
+            assert await sink.send([message(change(2))]) == [None]
+            assert [m.headers["Nats-Msg-Id"] for m in await here.stored() if m.headers] == [
+                change(2).event_id
+            ]
+
+    run(main())
+
+
 def test_a_stream_that_does_not_take_the_subjects_is_a_clear_retryable_error() -> None:
     async def main() -> None:
         async with place() as here:

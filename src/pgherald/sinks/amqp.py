@@ -48,6 +48,8 @@ DEFAULT_URL: Final = "amqp://guest:guest@127.0.0.1:5672/"
 APP_ID: Final = "pgherald"
 _MAX_SHORTSTR: Final = 255
 _DETAIL_CHARS: Final = 200
+_CLOSE_WAIT: Final = 2.0
+"""Seconds to wait for a polite close: after a failure the server may never answer."""
 
 
 class AmqpSink:
@@ -98,7 +100,7 @@ class AmqpSink:
         if connection is not None and not connection.is_closed:
             # Going away anyway: a broker that does not answer cleans up after itself.
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(connection.close(), self.timeout)
+                await asyncio.wait_for(connection.close(), min(self.timeout, _CLOSE_WAIT))
 
     async def send(self, batch: Sequence[Message]) -> list[Outcome]:
         if not batch:

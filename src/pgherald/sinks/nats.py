@@ -56,6 +56,8 @@ _HEADER_SAFE: Final = "!#$&'()*+,/:;=?@[]~-._"
 _MESSAGE_TOO_BIG: Final = frozenset({10054})
 """JetStream error codes that are the message's fault: retrying cannot help."""
 _DETAIL_CHARS: Final = 200
+_CLOSE_WAIT: Final = 2.0
+"""Seconds to wait for a polite close: after a failure the server may never answer."""
 _MAX_PENDING: Final = 10_000
 """Publishes awaiting their ack at most; a larger batch goes out in chunks of this size."""
 
@@ -109,7 +111,7 @@ class NatsSink:
         if nc is not None and not nc.is_closed:
             # Going away anyway: a server that does not answer cleans up after itself.
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(nc.close(), self.timeout)
+                await asyncio.wait_for(nc.close(), min(self.timeout, _CLOSE_WAIT))
 
     async def send(self, batch: Sequence[Message]) -> list[Outcome]:
         if not batch:
@@ -209,6 +211,7 @@ class NatsSink:
         if exc is None:
             return None  # stored, or a duplicate the stream already holds
         if isinstance(exc, nats.js.errors.NoStreamResponseError):
+            self._stream_ready = False  # deleted? the next send makes it again if missing
             return RetryableSinkError(
                 f"nats {self._target}: no JetStream stream answered (is stream"
                 f" {self.stream!r} there, with subjects covering {self.subject_prefix}.>?)"
@@ -229,9 +232,21 @@ class NatsSink:
         return headers
 
     async def _ensure(self) -> tuple[nats.js.JetStreamContext, asyncio.Event]:
+        """The connection (made again if it was lost) and the stream (made again if it
+        went missing)."""
         js, lost = self._js, self._lost
-        if js is not None and lost is not None and self.connected and not lost.is_set():
-            return js, lost
+        if js is None or lost is None or lost.is_set() or not self.connected:
+            js, lost = await self._connect()
+        if not self._stream_ready:
+            try:
+                await self._make_stream(js)
+            except BaseException:
+                await self.close()
+                raise
+            self._stream_ready = True
+        return js, lost
+
+    async def _connect(self) -> tuple[nats.js.JetStreamContext, asyncio.Event]:
         await self.close()
         lost = asyncio.Event()
 
@@ -270,16 +285,8 @@ class NatsSink:
             raise RetryableSinkError(
                 f"nats {self._target}: cannot connect: {self._error(exc)}"
             ) from None
-        self._nc, self._lost = nc, lost
         js = nc.jetstream(timeout=self.timeout, publish_async_max_pending=_MAX_PENDING)
-        if not self._stream_ready:
-            try:
-                await self._make_stream(js)
-            except BaseException:
-                await self.close()
-                raise
-            self._stream_ready = True
-        self._js = js
+        self._nc, self._js, self._lost = nc, js, lost
         return js, lost
 
     async def _make_stream(self, js: nats.js.JetStreamContext) -> None:
