@@ -155,6 +155,7 @@ class MqttSink:
         client, self._client = self._client, None
         if client is None:
             return
+        _forget(client)
         try:
             await asyncio.wait_for(client.__aexit__(None, None, None), self.timeout)
         except (aiomqtt.MqttError, TimeoutError, OSError):
@@ -255,9 +256,9 @@ def _abandon(client: aiomqtt.Client) -> None:
     """Closes a connection that could not be opened or closed properly, so that its socket
     does not linger (aiomqtt keeps it when CONNACK or the DISCONNECT never came)."""
     # aiomqtt offers no public way to do this: reach for its paho client and state.
+    # Not paho's disconnect(): it would queue a DISCONNECT whose write is scheduled on the
+    # loop after the socket is closed. Closing the socket is enough for the broker.
     paho = client._client
-    with contextlib.suppress(Exception):
-        paho.disconnect()
     sock = paho.socket()
     if sock is not None:
         loop = asyncio.get_running_loop()
@@ -269,9 +270,15 @@ def _abandon(client: aiomqtt.Client) -> None:
     task = client._misc_task
     if task is not None:
         task.cancel()
-    if client._disconnected.done():
-        with contextlib.suppress(BaseException):
-            client._disconnected.exception()
+    _forget(client)
+
+
+def _forget(client: aiomqtt.Client) -> None:
+    """Marks the error of a lost connection as seen, so asyncio does not log it as
+    unretrieved when the client is dropped: ``send`` has reported it already."""
+    lost = _disconnected(client)
+    if lost.done() and not lost.cancelled():
+        lost.exception()
 
 
 def _one_line(value: object) -> str:
