@@ -36,7 +36,6 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import suppress
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, time, timedelta
 from decimal import Decimal
@@ -135,8 +134,9 @@ def _tokenize(text: str) -> list[_Token]:
             assert m is not None  # a digit, or a dot and a digit, always start a number
             end = m.end()
             if end < n and (text[end].isalnum() or text[end] in "_$."):
-                bad = _IDENT.match(text, end)
-                stop = bad.end() if bad else end + 1
+                stop = end
+                while stop < n and (text[stop].isalnum() or text[stop] in "_$."):
+                    stop += 1
                 raise _error(text, i, f"malformed number '{_printable(text[i:stop])}'")
             if end - i > _MAX_NUMBER:
                 raise _error(text, i, f"number longer than {_MAX_NUMBER} characters")
@@ -595,6 +595,8 @@ def _order(left: Operand, right: Operand, row: Mapping[str, Any]) -> int | None:
 
 def _coerce_like(literal: Const, typed: Any) -> Any:
     family = _family(typed)
+    if family == "instant" and not isinstance(typed, datetime):
+        family = "date"  # read as a date, as SQL casts the literal to the column's type
     return _BAD if family is None else literal.coerced(family)
 
 
@@ -645,15 +647,30 @@ def _compare_numbers(a: int | float | Decimal, b: int | float | Decimal) -> int:
 
     Against a float, the other side is made a float first, as PostgreSQL casts numeric
     to double precision: ``ratio = 0.1`` must match the float 0.1, which is not exactly
-    one tenth.
+    one tenth. A number a float cannot hold (``1e400``, ``1e-400``) is compared exactly
+    instead of as the infinity or zero it would become.
     """
-    if isinstance(a, float) != isinstance(b, float):
-        with suppress(OverflowError):  # an integer beyond any float: compare exactly
-            a, b = float(a), float(b)
+    if isinstance(a, float) and not isinstance(b, float):
+        b = _as_float(b)
+    elif isinstance(b, float) and not isinstance(a, float):
+        a = _as_float(a)
     nan_a, nan_b = _is_nan(a), _is_nan(b)
     if nan_a or nan_b:
         return _sign(nan_a, nan_b)
     return _sign(a, b)
+
+
+def _as_float(value: int | Decimal) -> float | int | Decimal:
+    """``value`` as a float, or as it is when a float would not be near it."""
+    try:
+        result = float(value)
+    except OverflowError:
+        return value  # an integer beyond any float
+    if math.isinf(result) and not (isinstance(value, Decimal) and value.is_infinite()):
+        return value
+    if result == 0 and value != 0:
+        return value
+    return result
 
 
 def _instant(value: date) -> datetime:
@@ -708,10 +725,12 @@ def _coerce(family: str, text: str) -> Any:
             return _SPECIAL_NUMBERS.get(lowered, _BAD)
         if family == "bool":
             return True if lowered in _TRUE_TEXTS else False if lowered in _FALSE_TEXTS else _BAD
-        if family in ("instant", "infinity") and lowered in _INFINITIES:
+        if family in ("instant", "date", "infinity") and lowered in _INFINITIES:
             return _INFINITIES[lowered]
         if family == "instant":
             return datetime.fromisoformat(stripped)
+        if family == "date":  # a time of day, if any, is dropped, as PostgreSQL does
+            return datetime.fromisoformat(stripped).date()
         if family == "time":
             return time.fromisoformat(stripped)
         if family == "interval":
@@ -897,8 +916,10 @@ class _Parser:
         if token.kind == "keyword" and token.value == "null":
             self.advance()
             return Const(None, "null")
-        if token.kind == "op" and token.value in "+-" and self.tokens[self.i + 1].kind == "number":
+        if token.kind == "op" and token.value in ("+", "-"):
             self.advance()
+            if not self.at("number"):
+                raise self.expected("a number")
             value = _number(self.advance().value)
             if token.value == "-":
                 value = value.copy_negate() if isinstance(value, Decimal) else -value
