@@ -389,6 +389,21 @@ def test_a_data_error_fails_its_transaction_only(db: Database, target: Database)
         assert "\n" not in str(o)
     assert [r[0] for r in acct_rows(target)] == [1, 4], "the failed transaction is rolled back"
 
+    # Trigger capture gives each event of a transaction its own position (its queue id):
+    # the xid still makes them one transaction. Without an xid, the position does.
+    trigger_txn = [
+        event("insert", {"id": "6", "owner": "f", "balance": "6"}, xid=204, position="17"),
+        event("insert", {"id": "7", "owner": "g", "balance": "x"}, xid=204, position="18"),
+    ]
+    no_xid = [
+        event("insert", {"id": "8", "owner": "h", "balance": "8"}, xid=None, position="run 3"),
+        event("insert", {"id": "9", "owner": "i", "balance": "y"}, xid=None, position="run 3"),
+        event("insert", {"id": "10", "owner": "j", "balance": "10"}, xid=None, position="run 4"),
+    ]
+    [outcomes] = deliver({"dsn": target.dsn}, [trigger_txn + no_xid])
+    assert [type(o).__name__ for o in outcomes] == ["PermanentSinkError"] * 4 + ["NoneType"]
+    assert [r[0] for r in acct_rows(target)] == [1, 4, 10]
+
     # A value the column's typmod refuses: the cast is to numeric, the column's own check holds.
     [outcomes] = deliver(
         {"dsn": target.dsn},

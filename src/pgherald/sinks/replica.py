@@ -267,8 +267,8 @@ def _one_line(exc: BaseException) -> str:
 
 def _retryable(exc: psycopg.Error) -> bool:
     state = exc.sqlstate
-    if state is None:  # raised by the client: the connection is lost or unusable
-        return True
+    if state is None:  # raised by the client: a lost connection, or a value it cannot send
+        return isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError)
     return state[:2] in _RETRYABLE_CLASSES or state in _RETRYABLE_STATES
 
 
@@ -423,7 +423,8 @@ class ReplicaSink:
                 f"{', '.join(tables)}: no primary key or unique index on the event's key"
                 " columns, which the replica upserts on"
             )
-        return f"replica {self.name!r}: {txn} not applied: [{exc.sqlstate}] {where}{text}"
+        state = f"[{exc.sqlstate}] " if exc.sqlstate else ""
+        return f"replica {self.name!r}: {txn} not applied: {state}{where}{text}"
 
     async def _execute(self, conn: Conn, plan: _Plan) -> None:
         async with conn.pipeline(), conn.transaction():
