@@ -193,7 +193,8 @@ class CaptureProcess:
         return self.logfile.read_text(errors="replace")
 
     def wait_ready(self, timeout: float = 30.0) -> None:
-        """Returns once this process holds the slot (its replication stream is open)."""
+        """Returns once this process holds the slot (its replication stream is open), or,
+        without logical watches, once its trigger drainer is connected."""
         deadline = time.monotonic() + timeout
         with psycopg.connect(self.settings.dsn, autocommit=True) as conn:
             while time.monotonic() < deadline:
@@ -201,8 +202,22 @@ class CaptureProcess:
                     raise AssertionError(f"pgherald run exited early:\n{self.log()[-3000:]}")
                 if slot_holder(conn, self.settings.slot) is not None:
                     return
+                trigger = conn.execute(
+                    "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+                    " AND application_name = 'pgherald-trigger'"
+                ).fetchone()
+                if trigger and trigger[0] and not self._has_logical_watches(conn):
+                    return
                 time.sleep(0.05)
         raise AssertionError(f"pgherald run did not open its stream in time:\n{self.log()[-3000:]}")
+
+    def _has_logical_watches(self, conn: Conn) -> bool:
+        row = conn.execute(
+            sql.SQL("SELECT count(*) FROM {} WHERE method = 'logical'").format(
+                sql.Identifier(self.settings.schema, "watches")
+            )
+        ).fetchone()
+        return bool(row and row[0])
 
     def kill(self) -> None:
         """SIGKILL: no chance to flush, commit or say goodbye."""

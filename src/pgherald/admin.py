@@ -335,6 +335,10 @@ def init(settings: Settings) -> InitResult:
             version = _version(conn, settings.schema)
         conn.commit()
     added = sync_declared_watches(settings) if settings.watches else ()
+    if settings.sinks or settings.subscriptions:
+        from pgherald import routing_admin
+
+        routing_admin.sync_declared(settings)
     return InitResult(settings.schema, version, installed, added)
 
 

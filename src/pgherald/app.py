@@ -6,20 +6,24 @@ same configuration always gives the same pipeline.
 
 from __future__ import annotations
 
+import importlib
 import logging
 import threading
 import time
 from collections import Counter
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, Final
 
 import psycopg
 
 from pgherald.config import Settings
 from pgherald.db.connect import connect
+from pgherald.delivery.engine import DeliveryEngine, RetryPolicy
+from pgherald.delivery.router import Router
 from pgherald.errors import ConfigError
 from pgherald.events import ChangeEvent
 from pgherald.events.model import RowShape
+from pgherald.sinks.base import Sink, SinkConfig, check_format
 from pgherald.snapshots import Scheduler
 from pgherald.sources.listen_capture import ListenSource, ListenWatch
 from pgherald.sources.listen_capture import checkpoint_name as listen_checkpoint_name
@@ -31,8 +35,9 @@ from pgherald.sources.logical import (
 )
 from pgherald.sources.trigger import TriggerSettings, TriggerSource, TriggerWatch
 from pgherald.sources.trigger import checkpoint_name as trigger_checkpoint_name
-from pgherald.store import checkpoints, migrations, watches
+from pgherald.store import checkpoints, deliveries, migrations, watches
 from pgherald.store.changelog import ChangeLog, Statement
+from pgherald.store.deliveries import StoredSink
 from pgherald.store.queries import query
 
 log = logging.getLogger("pgherald")
@@ -283,19 +288,30 @@ def _run_trigger(settings: Settings, source: TriggerSource, stop: threading.Even
 
 
 def run(settings: Settings, stop: threading.Event, resync: bool = False) -> None:
-    """Captures the configured watches into the change log until ``stop`` is set.
+    """Captures the configured watches into the change log, and routes and delivers their
+    events to the sinks, until ``stop`` is set.
 
-    Each capture method with watches runs in a thread of its own; the first one to fail
-    stops the others, and its error is raised here.
+    Each part runs in a thread of its own; the first one to fail stops the others, and its
+    error is raised here. Sinks added while running are picked up at the next start.
     """
     capture = Capture(settings, resync=resync, stop=stop)
     log.info("capturing %s from %s", capture.describe(), settings.redacted_dsn())
     capture.start()
+    delivery: Delivery | None = None
     try:
+        delivery = Delivery(settings, stop=stop)
+        if delivery.engine.sinks:
+            log.info("delivering to %s", ", ".join(sorted(delivery.engine.sinks)))
+        delivery.start()
         while not stop.wait(0.5):
             pass
     finally:
-        capture.close(timeout=30.0)
+        stop.set()
+        try:
+            if delivery is not None:
+                delivery.close(timeout=30.0)
+        finally:
+            capture.close(timeout=30.0)
 
 
 class Capture:
@@ -386,6 +402,94 @@ class Capture:
                 raise TimeoutError("capture did not start in time")
 
     def close(self, timeout: float = 10.0) -> None:
+        self.stop.set()
+        for t in self.threads:
+            t.join(timeout)
+        if self.errors:
+            raise self.errors[0]
+
+
+# -- delivery ---------------------------------------------------------------------------------
+
+SINK_KINDS: Final = ("webhook", "amqp", "nats", "redis", "mqtt", "replica", "stdout")
+
+
+def build_sink(config: SinkConfig) -> Sink:
+    """The sink of a configuration (its module checks the options: one ConfigError each)."""
+    if config.kind not in SINK_KINDS:
+        raise ConfigError(
+            f"sink {config.name!r}: unknown kind {config.kind!r};"
+            f" use one of {', '.join(SINK_KINDS)}"
+        )
+    module = importlib.import_module(f"pgherald.sinks.{config.kind}")
+    sink: Sink = module.from_config(config)
+    return sink
+
+
+def sink_config(stored: StoredSink) -> SinkConfig:
+    return SinkConfig(
+        name=stored.name,
+        kind=stored.kind,
+        format=check_format(stored.format),
+        options=stored.options,
+        strictly_ordered=stored.strictly_ordered,
+    )
+
+
+class Delivery:
+    """Routing and delivery in background threads, for ``pgherald run`` and tests.
+
+    ``sinks`` restricts delivery to some sinks (all enabled ones by default).
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        stop: threading.Event | None = None,
+        sinks: Sequence[str] | None = None,
+        batch_size: int = 500,
+        policy: RetryPolicy | None = None,
+        overrides: Mapping[str, Sink] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.stop = stop or threading.Event()
+        with connect(settings, autocommit=True) as conn:
+            migrations.require_current(conn, settings.schema)
+            stored = [s for s in deliveries.list_sinks(conn, settings.schema) if s.enabled]
+        if sinks is not None:
+            stored = [s for s in stored if s.name in sinks]
+        built: dict[str, tuple[Sink, StoredSink]] = {}
+        for s in stored:
+            sink = (overrides or {}).get(s.name) or build_sink(sink_config(s))
+            built[s.name] = (sink, s)
+        self.router = Router(settings)
+        self.engine = DeliveryEngine(settings, built, batch_size=batch_size, policy=policy)
+        self.threads = [
+            _SourceThread("pgherald-router", lambda: self.router.run(self.stop), self.stop),
+            _SourceThread(
+                "pgherald-delivery", lambda: self.engine.run_blocking(self.stop), self.stop
+            ),
+        ]
+
+    @property
+    def errors(self) -> list[BaseException]:
+        return [t.error for t in self.threads if t.error is not None]
+
+    def start(self) -> Delivery:
+        for t in self.threads:
+            t.start()
+        return self
+
+    def wait_ready(self, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        for event in (self.router.connected, self.engine.connected):
+            while not event.wait(0.05):
+                if self.errors:
+                    raise self.errors[0]
+                if time.monotonic() > deadline:
+                    raise TimeoutError("delivery did not start in time")
+
+    def close(self, timeout: float = 30.0) -> None:
         self.stop.set()
         for t in self.threads:
             t.join(timeout)

@@ -703,5 +703,17 @@ def demo(
 
 main.add_command(listen)
 
+
+def _register_delivery_commands() -> None:
+    from pgherald import cli_delivery
+
+    for command in cli_delivery.LEAVES:
+        connection_options(command)
+    for command in cli_delivery.COMMANDS:
+        main.add_command(command)
+
+
+_register_delivery_commands()
+
 if __name__ == "__main__":  # pragma: no cover
     main()

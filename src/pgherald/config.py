@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import os
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Final, Literal, cast, get_args
@@ -54,6 +54,31 @@ class WatchSpec:
 
 
 @dataclass(frozen=True)
+class SinkSpec:
+    """A sink declared in the configuration file (``[[sink]]``, its options in
+    ``[sink.options]``); the sink's own module checks the options."""
+
+    name: str
+    kind: str
+    format: str = "pgherald"
+    options: Mapping[str, Any] = field(default_factory=dict)
+    strictly_ordered: bool = False
+    max_attempts: int = 10
+
+
+@dataclass(frozen=True)
+class SubscriptionSpec:
+    """A subscription declared in the configuration file (``[[subscription]]``)."""
+
+    sink: str
+    watches: tuple[str, ...]
+    ops: tuple[str, ...] | None = None
+    columns: tuple[str, ...] | None = None
+    where: str | None = None
+    ignore_columns: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class Settings:
     """Everything pgherald needs to know to run, after all sources were merged.
 
@@ -71,6 +96,8 @@ class Settings:
     batch_interval: float = 0.2
     log_level: str = "info"
     watches: tuple[WatchSpec, ...] = ()
+    sinks: tuple[SinkSpec, ...] = ()
+    subscriptions: tuple[SubscriptionSpec, ...] = ()
     config_file: Path | None = field(default=None, compare=False)
 
     def redacted_dsn(self) -> str:
@@ -221,6 +248,65 @@ def _watch_spec(raw: Any, where: str) -> WatchSpec:
     )
 
 
+def _table(raw: Any, where: str, keys: frozenset[str], required: Sequence[str]) -> dict[str, Any]:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where} must be a table")
+    unknown = sorted(set(raw) - keys)
+    if unknown:
+        raise ConfigError(
+            f"unknown key {unknown[0]!r} in {where}; known keys: {', '.join(sorted(keys))}"
+        )
+    for key in required:
+        if not isinstance(raw.get(key), str) or not raw[key]:
+            raise ConfigError(f'{where} needs {key} = "..."')
+    return raw
+
+
+def _flag(raw: Mapping[str, Any], key: str, where: str, default: bool) -> bool:
+    value = raw.get(key, default)
+    if not isinstance(value, bool):
+        raise ConfigError(f"{where}.{key} must be true or false")
+    return value
+
+
+def _sink_spec(raw: Any, where: str) -> SinkSpec:
+    keys = frozenset({"name", "kind", "format", "options", "strictly_ordered", "max_attempts"})
+    raw = _table(raw, where, keys, ("name", "kind"))
+    options = raw.get("options", {})
+    if not isinstance(options, dict):
+        raise ConfigError(f"{where}.options must be a table ([sink.options])")
+    attempts = raw.get("max_attempts", 10)
+    if isinstance(attempts, bool) or not isinstance(attempts, int) or attempts < 1:
+        raise ConfigError(f"{where}.max_attempts must be a whole number of at least 1")
+    fmt = raw.get("format", "pgherald")
+    if not isinstance(fmt, str):
+        raise ConfigError(f"{where}.format must be a string")
+    return SinkSpec(
+        name=raw["name"],
+        kind=raw["kind"],
+        format=fmt,
+        options=options,
+        strictly_ordered=_flag(raw, "strictly_ordered", where, False),
+        max_attempts=attempts,
+    )
+
+
+def _subscription_spec(raw: Any, where: str) -> SubscriptionSpec:
+    keys = frozenset({"sink", "watches", "ops", "columns", "where", "ignore_columns"})
+    raw = _table(raw, where, keys, ("sink",))
+    condition = raw.get("where")
+    if condition is not None and not isinstance(condition, str):
+        raise ConfigError(f"{where}.where must be a string (a condition)")
+    return SubscriptionSpec(
+        sink=raw["sink"],
+        watches=_string_list(raw.get("watches"), f"{where}.watches"),
+        ops=_string_list(raw["ops"], f"{where}.ops") if "ops" in raw else None,
+        columns=_string_list(raw["columns"], f"{where}.columns") if "columns" in raw else None,
+        where=condition,
+        ignore_columns=_string_list(raw.get("ignore_columns", []), f"{where}.ignore_columns"),
+    )
+
+
 # -- the sources --------------------------------------------------------------------------
 
 
@@ -243,10 +329,17 @@ def read_toml(path: Path) -> dict[str, Any]:
             values["watches"] = tuple(
                 _watch_spec(w, f"{path}: [[watch]] #{i + 1}") for i, w in enumerate(value)
             )
+        elif key in ("sink", "subscription"):
+            if not isinstance(value, list):
+                raise ConfigError(f"{path}: {key!r} must be an array of tables ([[{key}]])")
+            parse = _sink_spec if key == "sink" else _subscription_spec
+            values[f"{key}s"] = tuple(
+                parse(v, f"{path}: [[{key}]] #{i + 1}") for i, v in enumerate(value)
+            )
         elif key in _SCALAR_FIELDS:
             values[key] = _coerce(key, value, f"{path}: {key}")
         else:
-            known = ", ".join([*_SCALAR_FIELDS, "watch"])
+            known = ", ".join([*_SCALAR_FIELDS, "watch", "sink", "subscription"])
             raise ConfigError(f"{path}: unknown key {key!r}; known keys: {known}")
     return values
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -205,3 +206,22 @@ def test_unparsable_dsn_error_does_not_quote_it(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as info:
         Settings().with_overrides(dsn="host=db password=abc secretpart")
     assert "secretpart" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ('[[sink]]\nkind = "amqp"\n', 'needs name = "..."'),
+        ('[[sink]]\nname = "a"\nkind = "amqp"\nretries = 3\n', "unknown key 'retries'"),
+        ('[[sink]]\nname = "a"\nkind = "amqp"\nmax_attempts = 0\n', "at least 1"),
+        ('[[sink]]\nname = "a"\nkind = "amqp"\noptions = 3\n', "[sink.options]"),
+        ('[[subscription]]\nsink = "a"\n', "watches must be a list"),
+        ('[[subscription]]\nsink = "a"\nwatches = ["w"]\nwhere = 1\n', "a condition"),
+        ('sink = "a"\n', "array of tables ([[sink]])"),
+    ],
+)
+def test_bad_sinks_and_subscriptions_in_the_file(tmp_path: Path, text: str, message: str) -> None:
+    path = tmp_path / "pgherald.toml"
+    path.write_text(text, encoding="utf-8")
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_settings(path, env={})

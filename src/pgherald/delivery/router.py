@@ -1,0 +1,139 @@
+"""The router: turns new change-log events into deliveries, one per matching subscription.
+
+It follows the log by id (gap-free in commit order, see ``ChangeLog.append``'s lock),
+applies each subscription's filter in Python (the condition language is evaluated here,
+never spliced into SQL), and inserts the batch's deliveries and its own checkpoint in one
+transaction: a crash re-routes the batch, and ``ON CONFLICT`` makes that harmless. One
+router per store at a time (an advisory lock); it wakes on the log's NOTIFY and tells the
+delivery workers with one of its own.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import defaultdict
+from typing import Any
+
+import psycopg
+from psycopg import sql
+
+from pgherald.config import Settings
+from pgherald.db.connect import connect
+from pgherald.db.types import TypeRegistry
+from pgherald.errors import ConfigError, ConnectionFailed
+from pgherald.routing.subscriptions import Subscription, order_key
+from pgherald.store import checkpoints, deliveries
+from pgherald.store.changelog import ChangeLog, changes_channel
+from pgherald.store.deliveries import deliveries_channel
+
+log = logging.getLogger("pgherald.router")
+
+CHECKPOINT = "router"
+
+
+class Router:
+    """Routes in batches until stopped; ``route_once`` is one batch (for tests and tools)."""
+
+    def __init__(self, settings: Settings, batch_size: int = 2000, poll: float = 0.5) -> None:
+        self.settings = settings
+        self.batch_size = batch_size
+        self.poll = poll
+        self.routed_events = 0
+        self.created = 0
+        self.connected = threading.Event()
+        self._loader: TypeRegistry | None = None
+
+    def _subscriptions(
+        self, conn: psycopg.Connection[Any]
+    ) -> dict[str, list[tuple[Subscription, int]]]:
+        by_watch: dict[str, list[tuple[Subscription, int]]] = defaultdict(list)
+        for s in deliveries.list_subscriptions(conn, self.settings.schema):
+            if not s.enabled:
+                continue
+            try:
+                sub = Subscription.from_filter(
+                    s.sink, s.watch, s.filter, s.ignore_columns, s.strictly_ordered
+                )
+            except ConfigError as e:
+                log.error("subscription of %s to %s is not usable: %s", s.sink, s.watch, e)
+                continue
+            by_watch[s.watch].append((sub, s.from_event))
+        return by_watch
+
+    def route_once(self, conn: psycopg.Connection[Any]) -> int:
+        """Routes one batch in its own transaction; returns how many events it looked at."""
+        schema = self.settings.schema
+        if self._loader is None:
+            self._loader = TypeRegistry.load(conn)
+        subs = self._subscriptions(conn)
+        after = checkpoints.load_checkpoint(conn, schema, CHECKPOINT)
+        start = (
+            int(after)
+            if after is not None
+            else min((f for group in subs.values() for _, f in group), default=0)
+        )
+        changelog = ChangeLog(conn, schema)
+        batch = changelog.read(after_id=start, limit=self.batch_size, loader=self._loader)
+        if not batch:
+            conn.rollback()
+            return 0
+        rows: list[tuple[int, str, str]] = []
+        for stored in batch:
+            for sub, from_event in subs.get(stored.event.watch, ()):
+                if stored.id > from_event and sub.wants(stored.event):
+                    key = "" if sub.strictly_ordered else order_key(stored.event)
+                    rows.append((stored.id, sub.sink, key))
+        deliveries.insert_deliveries(conn, schema, rows)
+        checkpoints.save_checkpoint(conn, schema, CHECKPOINT, str(batch[-1].id))
+        if rows:
+            conn.execute("SELECT pg_notify(%s, %s)", (deliveries_channel(schema), str(len(rows))))
+        conn.commit()
+        self.routed_events += len(batch)
+        self.created += len(rows)
+        return len(batch)
+
+    def run(self, stop: threading.Event) -> None:
+        """Routes until ``stop``; reconnects when the connection is lost."""
+        delay = 0.5
+        while not stop.is_set():
+            try:
+                self._session(stop)
+                return
+            except (psycopg.OperationalError, ConnectionFailed) as e:
+                log.warning("router lost its connection (%s); retrying", str(e).splitlines()[0])
+                self.connected.clear()
+                stop.wait(delay)
+                delay = min(delay * 2, 30.0)
+
+    def _session(self, stop: threading.Event) -> None:
+        schema = self.settings.schema
+        with (
+            connect(self.settings, application_name="pgherald-router") as conn,
+            connect(self.settings, autocommit=True, application_name="pgherald-router") as wake,
+        ):
+            self.connected.set()  # ready, whether it leads or stands by
+            said = False
+            while not stop.is_set():
+                row = wake.execute(
+                    "SELECT pg_try_advisory_lock(hashtext('pgherald.router:' || %s))", (schema,)
+                ).fetchone()
+                if row and row[0]:
+                    break
+                if not said:
+                    log.info("another pgherald routes this change log; standing by")
+                    said = True
+                stop.wait(1.0)
+            wake.execute(sql.SQL("LISTEN {}").format(sql.Identifier(changes_channel(schema))))
+            while not stop.is_set():
+                looked = self.route_once(conn)
+                if looked >= self.batch_size:
+                    continue
+                deadline = time.monotonic() + self.poll
+                while not stop.is_set() and time.monotonic() < deadline:
+                    got = False
+                    for _ in wake.notifies(timeout=min(0.1, self.poll), stop_after=1):
+                        got = True
+                    if got:
+                        break
