@@ -534,6 +534,46 @@ def run(ctx: click.Context, resync: bool) -> None:
     logging.getLogger("pgherald").info("stopped")
 
 
+@main.command()
+@click.option("--sink", "sinks", multiple=True, help="Only this sink (repeatable).")
+@connection_options
+@click.pass_context
+def deliver(ctx: click.Context, sinks: tuple[str, ...]) -> None:
+    """Route and deliver the change log's events to the sinks, without capturing.
+
+    For running delivery workers apart from capture (several may run: they share the
+    load); `pgherald run` does both.
+    """
+    from pgherald import app
+
+    settings = settings_of(ctx)
+    _setup_logging(settings.log_level)
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: object) -> None:
+        if stop.is_set():
+            raise KeyboardInterrupt
+        logging.getLogger("pgherald").info("stopping (signal %d)", signum)
+        stop.set()
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        delivery = app.Delivery(settings, stop=stop, sinks=list(sinks) or None)
+        logging.getLogger("pgherald").info(
+            "delivering to %s", ", ".join(sorted(delivery.engine.sinks)) or "no sink"
+        )
+        delivery.start()
+        try:
+            while not stop.wait(0.5):
+                pass
+        finally:
+            delivery.close()
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    logging.getLogger("pgherald").info("stopped")
+
+
 def _setup_logging(level: str) -> None:
     logging.basicConfig(
         level=level.upper(),
