@@ -16,6 +16,7 @@ import psycopg
 import pytest
 from psycopg import sql
 
+from pgherald.config import Settings
 from pgherald.db.embedded import EmbeddedCluster
 from pgherald.errors import CaptureError
 from tests import capture_harness as h
@@ -50,6 +51,12 @@ def make_database(cluster: EmbeddedCluster, name: str = "app") -> Database:
     return Database(cluster, name)
 
 
+def install(dsn: str, **options: bool) -> Settings:
+    """The store and a watch on ``public.t``, with logical capture asked for by name (the
+    default, ``auto``, would choose trigger capture where logical capture cannot work)."""
+    return h.install(dsn, ["public.t"], settings=h.settings_for(dsn, method="logical"), **options)
+
+
 def slots(dsn: str) -> list[str]:
     with psycopg.connect(dsn, autocommit=True) as conn:
         return [str(r[0]) for r in conn.execute("SELECT slot_name FROM pg_replication_slots")]
@@ -60,7 +67,7 @@ def test_wal_level_replica_is_refused_with_how_to_fix(private_cluster: EmbeddedC
     private_cluster.restart("fast")
     db = make_database(private_cluster)
     db.execute("CREATE TABLE t (id int PRIMARY KEY)")
-    settings = h.install(db.dsn, ["public.t"], slot=False)
+    settings = install(db.dsn, slot=False)
     with pytest.raises(CaptureError, match="wal_level = logical"):
         h.ensure_slot(settings)
     code, line = run_once(settings)
@@ -86,7 +93,7 @@ def test_role_without_replication_cannot_create_the_slot(plain_role: tuple[Datab
     db, dsn = plain_role
     with psycopg.connect(dsn, autocommit=True) as conn:
         conn.execute("CREATE TABLE t (id int PRIMARY KEY)")
-    settings = h.install(dsn, ["public.t"], slot=False)
+    settings = install(dsn, slot=False)
     with pytest.raises(CaptureError, match="REPLICATION"):
         h.ensure_slot(settings)
     code, line = run_once(settings)
@@ -102,7 +109,7 @@ def test_role_without_replication_cannot_stream_from_an_existing_slot(
     db, dsn = plain_role
     with psycopg.connect(dsn, autocommit=True) as conn:
         conn.execute("CREATE TABLE t (id int PRIMARY KEY)")
-    settings = h.install(dsn, ["public.t"], slot=False)
+    settings = install(dsn, slot=False)
     h.ensure_slot(h.settings_for(db.dsn))  # as the superuser
     started = time.monotonic()
     code, line = run_once(settings)
@@ -119,7 +126,7 @@ def test_no_free_slot_says_which_setting_to_change(private_cluster: EmbeddedClus
     with db.connect() as conn:
         for name in ("someone_else_1", "someone_else_2"):
             conn.execute("SELECT pg_create_logical_replication_slot(%s, 'pgoutput')", (name,))
-    settings = h.install(db.dsn, ["public.t"], slot=False)
+    settings = install(db.dsn, slot=False)
     with pytest.raises(CaptureError, match="max_replication_slots"):
         h.ensure_slot(settings)
     code, line = run_once(settings)
@@ -130,7 +137,7 @@ def test_no_free_slot_says_which_setting_to_change(private_cluster: EmbeddedClus
 
 def test_slot_dropped_behind_our_back_is_refused_until_resync(db: Database) -> None:
     db.execute("CREATE TABLE t (id int PRIMARY KEY)")
-    settings = h.install(db.dsn, ["public.t"])
+    settings = install(db.dsn)
     with h.capturing(settings) as capture:
         db.execute("INSERT INTO t VALUES (1)")
         h.catch_up(settings, alive=lambda: h.capture_problem(capture))
@@ -160,7 +167,7 @@ def test_slot_dropped_behind_our_back_is_refused_until_resync(db: Database) -> N
 
 def test_slot_in_use_by_another_process(db: Database) -> None:
     db.execute("CREATE TABLE t (id int PRIMARY KEY)")
-    settings = h.install(db.dsn, ["public.t"])
+    settings = install(db.dsn)
     first = h.CaptureProcess(settings).start()
     try:
         first.wait_ready()
