@@ -34,15 +34,40 @@ ORDER BY col.attnum
 SELECT count(*) FROM {current} c
 
 -- name: check_keys
--- One pass: how many rows, and up to ten keys that are NULL or not unique.
-WITH g AS (
-    SELECT ARRAY[{key_texts}] AS k, count(*) AS n, bool_or({any_null}) AS has_null
-    FROM {current} c
-    GROUP BY {keys}
-)
-SELECT (SELECT coalesce(sum(n), 0) FROM g)::bigint,
-       (SELECT array_agg(x.k || x.n::text)
-        FROM (SELECT k, n FROM g WHERE n > 1 OR has_null LIMIT 10) x)
+-- One pass: how many rows, and up to ten keys that are NULL or not unique. The groups are
+-- aggregated as they come (no CTE to materialise), and only the offenders' keys are
+-- turned into text (FILTER is tested before the aggregate's argument is computed).
+SELECT coalesce(sum(g.n), 0)::bigint,
+       (array_agg(ARRAY[{key_texts}] || g.n::text) FILTER (WHERE g.n > 1 OR g.has_null))[1:10]
+FROM (SELECT {keys}, count(*) AS n, bool_or({any_null}) AS has_null
+      FROM {current} c
+      GROUP BY {group}) g
+
+-- name: key_guaranteed
+-- Whether the watched table guarantees that the key identifies one row: all key columns
+-- NOT NULL, and a valid unique index (not partial, no expressions) whose key columns are
+-- all key columns of the watch; not a table with inheritance children (a SELECT of the
+-- parent reads theirs too), but a partitioned one (its unique indexes hold across the
+-- partitions). Read under the run's snapshot, so an index newer than it does not count.
+SELECT count(*) = cardinality(%(keys)s::text[])
+       AND bool_and(a.attnotnull)
+       AND EXISTS (
+           SELECT 1
+           FROM pg_index i
+           WHERE i.indrelid = c.oid AND i.indisunique AND i.indisvalid
+             AND i.indpred IS NULL AND i.indexprs IS NULL
+             AND NOT EXISTS (
+                 SELECT 1
+                 FROM unnest(i.indkey::int2[]) WITH ORDINALITY AS k(attnum, ord)
+                 JOIN pg_attribute ia ON ia.attrelid = c.oid AND ia.attnum = k.attnum
+                 WHERE k.ord <= i.indnkeyatts AND ia.attname <> ALL (%(keys)s::text[])))
+FROM pg_class c
+JOIN pg_namespace n ON n.oid = c.relnamespace
+JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
+                   AND a.attname = ANY (%(keys)s::text[])
+WHERE n.nspname = %(schema)s AND c.relname = %(table)s
+  AND (c.relkind IN ('p', 'm') OR (c.relkind = 'r' AND NOT c.relhassubclass))
+GROUP BY c.oid
 
 -- name: create_baseline
 CREATE TABLE {table} AS SELECT * FROM {current} c
@@ -57,6 +82,7 @@ SELECT CASE WHEN {b_key} IS NULL THEN 'insert'
             ELSE 'update' END AS op,
        array_remove(ARRAY[{changed}]::text[], NULL) AS changed,
        {old_keys},
+       {b_ctid} AS b_ctid,
        {old_values},
        {new_values}
 FROM {baseline} b
@@ -70,8 +96,12 @@ SELECT op, changed, {old_texts}, {new_texts} FROM pg_temp.pgherald_diff ORDER BY
 SELECT {base_texts} FROM {baseline} ORDER BY {order}
 
 -- name: apply_deletes
--- Updates are applied as delete + insert: the baseline takes the whole new row.
-DELETE FROM {baseline} b USING pg_temp.pgherald_diff d WHERE d.op <> 'insert' AND {match}
+-- Updates are applied as delete + insert: the baseline takes the whole new row. The rows
+-- go by the ctid the comparison saw (a TID scan: no join with the baseline, no index);
+-- nothing else changes the baseline while the run holds the watch's lock, and tuples
+-- keep their ctid within the transaction.
+DELETE FROM {baseline}
+WHERE ctid = ANY (ARRAY(SELECT b_ctid FROM pg_temp.pgherald_diff WHERE op <> 'insert'))
 
 -- name: apply_inserts
 INSERT INTO {baseline} ({columns}) SELECT {values} FROM pg_temp.pgherald_diff WHERE op <> 'delete'
