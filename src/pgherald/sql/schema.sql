@@ -109,6 +109,10 @@ CREATE TABLE events (
 CREATE INDEX events_watch_row_key_idx ON events (watch, row_key, id);
 CREATE INDEX events_watch_id_idx ON events (watch, id);
 CREATE INDEX events_captured_at_idx ON events (captured_at);
+-- A snapshot run's changes (their position is the run's id), for its page and digests.
+-- Partial: appends of other capture methods do not pay for it.
+CREATE INDEX events_snapshot_run_idx ON events (watch, position, id)
+    WHERE method = 'snapshot';
 
 -- Field-level detail of updates: one row per changed column.
 CREATE TABLE event_fields (
@@ -174,6 +178,9 @@ CREATE INDEX deliveries_claim_idx ON deliveries (sink, id)
 -- "Is an earlier delivery of this row still open?" (per-row order).
 CREATE INDEX deliveries_order_idx ON deliveries (sink, order_key, id)
     WHERE status IN ('pending', 'failed', 'delivering');
+-- A feed is its sink's delivered deliveries, newest first.
+CREATE INDEX deliveries_delivered_idx ON deliveries (sink, event_id DESC)
+    WHERE status = 'delivered';
 
 -- Every attempt to deliver, with its outcome.
 CREATE TABLE delivery_attempts (
@@ -267,4 +274,4 @@ $create$, store, channel);
 END
 $install$;
 
-INSERT INTO schema_version (version) VALUES (3);
+INSERT INTO schema_version (version) VALUES (4);
