@@ -133,6 +133,8 @@ def test_the_whole_story(app_db: Database) -> None:
         "CHANGES",
         "LAST",
         "SUCCESS",
+        "NEXT",
+        "RUN",
     ]
     assert [line.split()[:4] for line in listed[1:]] == [
         ["employees", "public.employees", "logical", "id"],
