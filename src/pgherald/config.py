@@ -92,7 +92,7 @@ class Settings:
     slot: str = "pgherald"
     publication: str = "pgherald"
     method: TableMethod = "auto"
-    batch_size: int = 1000
+    batch_size: int = 5000
     batch_interval: float = 0.2
     log_level: str = "info"
     watches: tuple[WatchSpec, ...] = ()
