@@ -67,7 +67,7 @@ def test_migrations_give_exactly_schema_sql(db: Database) -> None:
         assert {t for t, _ in reference["tables"]} == {
             "schema_version", "watches", "runs", "errors", "shapes", "events", "event_fields",
             "checkpoints", "sinks", "subscriptions", "deliveries", "trigger_queue", "trigger_wake",
-            "delivery_attempts",
+            "delivery_attempts", "web_users", "web_user_watches", "web_secrets",
         }  # fmt: skip
         assert len(reference["indexes"]) > 12
         for part in CATALOG_QUERIES:
