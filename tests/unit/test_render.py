@@ -32,14 +32,14 @@ COLUMNS = {
 }
 
 
-def loader(oid: int, text: str) -> Any:
-    if oid == 23:
+def loader(type_oid: int, text: str) -> Any:
+    if type_oid == 23:
         return int(text)
-    if oid == 1700:
+    if type_oid == 1700:
         return Decimal(text)
-    if oid == 1082:
+    if type_oid == 1082:
         return date.fromisoformat(text)
-    if oid == 1184:
+    if type_oid == 1184:
         return datetime.fromisoformat(text)
     return text
 
@@ -204,7 +204,8 @@ def test_default_label_is_the_key_and_ids_are_not_grouped() -> None:
     e = event("update", image(id="12345"), image(id="12345", salary="1"), ("salary",),
               key={"id": "12345"})  # fmt: skip
     assert r.view(e).headline == "employees: ID 12345 changed"
-    labelled = Renderer(displays={"employees": Display.from_mapping("employees", {"label": "#{id}"})})
+    by_id = Display.from_mapping("employees", {"label": "#{id}"})
+    labelled = Renderer(displays={"employees": by_id})
     assert labelled.view(e).label == "#12345"
 
 
@@ -479,13 +480,14 @@ def test_feed_options_are_checked() -> None:
     token = new_token()
     assert len(token) >= 40 and with_token({})["token"] != with_token({})["token"]
     assert with_token({"token": token}) == {"token": token}
-    for options, message in [
+    cases: list[tuple[dict[str, Any], str]] = [
         ({"mode": "week"}, "'mode' must be one of change, run, day, hour"),
         ({"entries": 0}, "'entries' must be at least 1"),
         ({"entries": 5000}, "'entries' is at most 1000"),
         ({"token": "short"}, "22 to 128 characters"),
         ({"token": "x" * 30 + "/"}, "22 to 128 characters"),
         ({"colour": "red"}, "unknown option(s) 'colour'"),
-    ]:
+    ]
+    for options, message in cases:
         with pytest.raises(ConfigError, match=re.escape(message)):
             FeedOptions.parse("f", options)
