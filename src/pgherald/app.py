@@ -411,7 +411,9 @@ class Capture:
 
 # -- delivery ---------------------------------------------------------------------------------
 
-SINK_KINDS: Final = ("webhook", "amqp", "nats", "redis", "mqtt", "replica", "stdout")
+SINK_KINDS: Final = (
+    "webhook", "amqp", "nats", "redis", "mqtt", "replica", "stdout", "feed",
+)  # fmt: skip
 
 
 def build_sink(config: SinkConfig) -> Sink:

@@ -755,5 +755,21 @@ def _register_delivery_commands() -> None:
 
 _register_delivery_commands()
 
+
+def _register_render_commands() -> None:
+    from pgherald import cli_delivery, cli_render
+
+    for command in cli_render.LEAVES:
+        connection_options(command)
+    for command in cli_render.COMMANDS_ON_WATCH:
+        watch.add_command(command)
+    for command in cli_render.COMMANDS_ON_SINK:
+        cli_delivery.sink.add_command(command)
+    for command in cli_render.COMMANDS:
+        main.add_command(command)
+
+
+_register_render_commands()
+
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -41,7 +41,8 @@ def sink() -> None:
 @sink.command("add")
 @click.argument("name")
 @click.argument(
-    "kind", type=click.Choice(["webhook", "amqp", "nats", "redis", "mqtt", "replica", "stdout"])
+    "kind",
+    type=click.Choice(["webhook", "amqp", "nats", "redis", "mqtt", "replica", "stdout", "feed"]),
 )
 @click.option(
     "--format",

@@ -95,6 +95,14 @@ class Settings:
     batch_size: int = 5000
     batch_interval: float = 0.2
     log_level: str = "info"
+    locale: str = "en"
+    """How people-facing pages, feeds and mails write numbers and dates (a Babel locale)."""
+    timezone: str = "UTC"
+    """The time zone they show times in (an IANA name)."""
+    templates_dir: str | None = None
+    """A folder of Jinja2 templates that override pgherald's own (also per watch)."""
+    public_url: str = ""
+    """The web console's address as people reach it (feeds need absolute links)."""
     watches: tuple[WatchSpec, ...] = ()
     sinks: tuple[SinkSpec, ...] = ()
     subscriptions: tuple[SubscriptionSpec, ...] = ()
@@ -141,6 +149,10 @@ _SCALAR_FIELDS: Final[dict[str, type]] = {
     "batch_size": int,
     "batch_interval": float,
     "log_level": str,
+    "locale": str,
+    "timezone": str,
+    "templates_dir": str,
+    "public_url": str,
 }
 _NAME_FIELDS: Final = ("schema", "slot", "publication")
 _WATCH_KEYS: Final = frozenset(f.name for f in fields(WatchSpec))
@@ -182,6 +194,22 @@ def _coerce(key: str, value: Any, where: str) -> Any:
         return level
     if key in _NAME_FIELDS:
         return check_object_name(value, where)
+    if key == "locale":
+        from babel import Locale, UnknownLocaleError
+
+        try:
+            Locale.parse(value.replace("-", "_"))
+        except (ValueError, UnknownLocaleError):
+            raise ConfigError(f"{where}: unknown locale {value!r} (e.g. en, de_DE)") from None
+    if key == "timezone":
+        from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+        try:
+            ZoneInfo(value)
+        except (ValueError, ZoneInfoNotFoundError):
+            raise ConfigError(
+                f"{where}: unknown time zone {value!r} (an IANA name, e.g. Europe/Berlin)"
+            ) from None
     return value
 
 

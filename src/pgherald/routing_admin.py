@@ -57,6 +57,10 @@ def add_sink(
     _check_name(name)
     if max_attempts < 1:
         raise ConfigError("--max-attempts must be at least 1")
+    if kind == "feed":
+        from pgherald.sinks import feed
+
+        options = feed.with_token(options or {})  # its secret address, made now
     config = SinkConfig(
         name=name,
         kind=kind,

@@ -72,7 +72,8 @@ class FormatError(PgHeraldError, ValueError):
 
 
 @functools.cache
-def _pgherald_version() -> str:
+def pgherald_version() -> str:
+    """The installed pgherald's version, as feeds and envelopes name their generator."""
     try:
         return version("pgherald")
     except PackageNotFoundError:  # pragma: no cover - running from a bare checkout
@@ -317,7 +318,7 @@ def to_debezium(event: ChangeEvent) -> dict[str, Any]:
         "before": None if event.old is None else row_to_json(event.old),
         "after": None if event.new is None else row_to_json(event.new),
         "source": {
-            "version": _pgherald_version(),
+            "version": pgherald_version(),
             "connector": "pgherald",
             "name": event.watch,
             "ts_ms": commit_ms if commit_ms is not None else _ms(event.captured_at),

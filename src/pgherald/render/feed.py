@@ -19,7 +19,7 @@ from typing import Final, Literal
 
 from feedgen.feed import FeedGenerator
 
-from pgherald import __version__
+from pgherald.events.formats import pgherald_version
 from pgherald.render.values import visible
 
 FeedKind = Literal["atom", "rss"]
@@ -85,7 +85,7 @@ def document(kind: FeedKind, info: FeedInfo, entries: Sequence[FeedEntry]) -> by
     # feedgen makes the last link the RSS channel's <link>: the page for people.
     fg.link(href=info.self_url, rel="self")
     fg.link(href=info.link, rel="alternate")
-    fg.generator("pgherald", version=__version__, uri="https://pypi.org/project/pgherald/")
+    fg.generator("pgherald", version=pgherald_version(), uri="https://pypi.org/project/pgherald/")
     fg.language("en")
     fg.updated(_aware(info.updated))
     if kind == "rss":

@@ -100,7 +100,7 @@ class SinkConfig:
     strictly_ordered: bool = False
 
 
-Kind = Literal["webhook", "amqp", "nats", "redis", "mqtt", "replica", "python", "stdout"]
+Kind = Literal["webhook", "amqp", "nats", "redis", "mqtt", "replica", "python", "stdout", "feed"]
 
 
 def check_format(value: str) -> Format:
