@@ -85,15 +85,18 @@ FROM (SELECT id FROM events WHERE id < %(before)s ORDER BY id DESC LIMIT %(windo
 
 -- name: floor_watches
 -- One window per watch; the floor is the highest of the full windows' lowest ids (a
--- watch whose window is not full has no events below it).
+-- watch whose window is not full has no events below it). The bounds are written as row
+-- comparisons on (watch, id), which only the (watch, id) index answers: with `watch =
+-- u.name` the planner, not knowing the name, may walk the primary key instead and filter,
+-- reading the whole log for a rare watch.
 SELECT coalesce(max(f.low) FILTER (WHERE f.n = %(window)s), 0)
 FROM unnest(%(watches)s::text[]) AS u(name)
 CROSS JOIN LATERAL (
     SELECT count(*) AS n, min(id) AS low
     FROM (
         SELECT id FROM events
-        WHERE watch = u.name AND id < %(before)s
-        ORDER BY id DESC
+        WHERE (watch, id) < (u.name, %(before)s::bigint) AND (watch, id) >= (u.name, 0::bigint)
+        ORDER BY watch DESC, id DESC
         LIMIT %(window)s
     ) AS w
 ) AS f
@@ -114,8 +117,8 @@ ORDER BY e.id DESC
 LIMIT %(limit)s
 
 -- name: page_watches
--- Each watch's newest matches through its (watch, id) index, merged: at most %(limit)s
--- rows per watch are read past the filters, never a sort of the whole log.
+-- Each watch's newest matches through its (watch, id) index (row comparisons, as in
+-- floor_watches), merged: never a sort of the whole log.
 SELECT e.*
 FROM unnest(%(watches)s::text[]) AS u(name)
 CROSS JOIN LATERAL (
@@ -123,7 +126,8 @@ CROSS JOIN LATERAL (
            old_shape_id, old_values, new_values, unchanged, old_unchanged, changed, xid,
            position, commit_time, captured_at, method, seq, old_values_source, meta
     FROM events e
-    WHERE e.watch = u.name AND e.id < %(before)s AND e.id >= %(floor)s
+    WHERE (e.watch, e.id) < (u.name, %(before)s::bigint)
+      AND (e.watch, e.id) >= (u.name, %(floor)s::bigint)
       AND (%(op)s::text IS NULL OR e.op = %(op)s::text)
       AND (%(since)s::timestamptz IS NULL
            OR coalesce(e.commit_time, e.captured_at) >= %(since)s)
@@ -132,7 +136,7 @@ CROSS JOIN LATERAL (
       AND (%(q)s::text IS NULL OR strpos(lower(concat_ws(' ', e.row_key,
               array_to_string(e.new_values, ' '), array_to_string(e.old_values, ' '))),
               lower(%(q)s::text)) > 0)
-    ORDER BY e.id DESC
+    ORDER BY e.watch DESC, e.id DESC
     LIMIT %(limit)s
 ) AS e
 ORDER BY e.id DESC
