@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import threading
 import time
+from typing import Any
 
 from tests import capture_harness as h
 from tests.acceptance._cli import assert_fails, assert_ok, cli
@@ -66,7 +68,19 @@ def test_tail_follows_the_log(db: Database) -> None:
     settings = h.install(db.dsn, ["t"], settings=h.settings_for(db.dsn, method="trigger"),
                          slot=False)  # fmt: skip
     tail = subprocess.Popen(
-        [sys.executable, "-m", "pgherald", "--dsn", db.dsn, "tail", "t", "--format", "simple"],
+        [
+            sys.executable,
+            "-m",
+            "pgherald",
+            "--dsn",
+            db.dsn,
+            "tail",
+            "t",
+            "--format",
+            "simple",
+            "--since",
+            "0",
+        ],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -74,11 +88,21 @@ def test_tail_follows_the_log(db: Database) -> None:
     )
     try:
         with h.capturing(settings) as capture:
-            time.sleep(1.0)  # tail starts at the end of the log
             db.execute("INSERT INTO t VALUES (1, 'a'); UPDATE t SET v = 'b'")
             h.catch_up(settings, alive=lambda: h.capture_problem(capture))
             assert tail.stdout is not None
-            lines = [json.loads(tail.stdout.readline()) for _ in range(2)]
+            lines: list[dict[str, Any]] = []
+            stream = tail.stdout
+            reader = threading.Thread(
+                target=lambda: lines.extend(json.loads(line) for line in stream), daemon=True
+            )
+            reader.start()
+            deadline = time.monotonic() + 60
+            while len(lines) < 2:
+                if time.monotonic() > deadline:
+                    tail.kill()
+                    raise AssertionError(f"tail printed {lines}: {tail.communicate()[1][-2000:]}")
+                time.sleep(0.05)
     finally:
         tail.terminate()
         tail.wait(10)
