@@ -76,7 +76,7 @@ ON CONFLICT (name) DO NOTHING
 -- Browsing the change log -------------------------------------------------------------------
 -- Newest first, below a log id (keyset paging). Filters that no index serves (operation,
 -- time, search) are applied to a bounded window of the log: `*_floor` finds the lowest log
--- id among the next %(window)s events that an index reaches, and the page is looked for
+-- id among the next `window` events that an index reaches, and the page is looked for
 -- above it, so a request reads at most that many events however rare the matches are.
 
 -- name: floor_all
@@ -167,7 +167,7 @@ WHERE id = %(id)s
 
 -- name: newer_all
 -- Live updates: the matching events after a log id and up to another (the newest when the
--- reader woke up), oldest first, at most %(limit)s of them.
+-- reader woke up), oldest first, at most `limit` of them.
 SELECT id, event_id, watch, op, schema_name, table_name, row_key, key_columns, shape_id,
        old_shape_id, old_values, new_values, unchanged, old_unchanged, changed, xid, position,
        commit_time, captured_at, method, seq, old_values_source, meta
