@@ -191,15 +191,17 @@ class DeliveryEngine:
         try:
             loader = await asyncio.to_thread(TypeRegistry.load, conn)
             await asyncio.to_thread(conn.commit)
-            if cfg.strictly_ordered:
+            # A sink that is strictly ordered by nature (the replica) is, whatever its
+            # configuration says: per-row claims would let a key move or a truncate
+            # overtake the rows around it, and the copy would diverge.
+            strict = cfg.strictly_ordered or sink.strictly_ordered
+            if strict:
                 # Another worker delivers to this strictly ordered sink: stand by.
                 while not stop.is_set() and not await asyncio.to_thread(self._lead, conn, name):  # noqa: ASYNC110
                     await asyncio.sleep(1.0)
             changelog = ChangeLog(conn, self.settings.schema)
             while not stop.is_set():
-                batch = await asyncio.to_thread(
-                    self._claim, conn, changelog, name, cfg.strictly_ordered, loader
-                )
+                batch = await asyncio.to_thread(self._claim, conn, changelog, name, strict, loader)
                 if not batch.ids:
                     await self._idle(stop)
                     continue
