@@ -160,6 +160,7 @@ def watch_detail(ctx: Ctx) -> Response:
         runs=runs,
         errors=errors,
         subscriptions=subs if ctx.viewer.can_edit else [],
+        describe=describe_filter,
         schedule=Schedule.from_options(dict(w.options)),
         fmt=lambda d: when(d)[0] if d else "",
         active="dashboard",
@@ -400,9 +401,24 @@ def watch_add(ctx: Ctx) -> Response:
 # -- subscriptions and deliveries ------------------------------------------------------------
 
 
+def describe_filter(filter: dict[str, Any], ignore: Sequence[str] = ()) -> str:
+    """A subscription's filter in words: ``insert, update; when id > 1; ...``."""
+    parts = []
+    if filter.get("ops"):
+        parts.append(", ".join(map(str, filter["ops"])))
+    if filter.get("columns"):
+        parts.append("when " + ", ".join(map(str, filter["columns"])) + " change")
+    if filter.get("where"):
+        parts.append(f"where {filter['where']}")
+    if ignore:
+        parts.append("ignoring " + ", ".join(ignore))
+    return "; ".join(parts) or "everything"
+
+
 def _subscriptions_page(ctx: Ctx, error: str | None, status: int) -> Response:
     return ctx.render(
         "subscriptions.html",
+        describe=describe_filter,
         status=status,
         error=error,
         subscriptions=deliveries.list_subscriptions(ctx.conn, ctx.schema),
