@@ -77,9 +77,9 @@ def test_a_mail_per_change_over_starttls_with_auth(server: MailServer, cert: Cer
     added, changed, deleted = server.messages()
     assert added["From"] == "pgherald <herald@example.org>"
     assert added["To"] == "finance@example.com, Audit Team <audit@example.com>"
-    assert added["Subject"] == "[pgherald] orders: id=1 added"
-    assert changed["Subject"] == "[pgherald] orders: id=1 changed"
-    assert deleted["Subject"] == "[pgherald] orders: id=7 deleted"
+    assert added["Subject"] == "[pgherald] orders: ID 1 added"
+    assert changed["Subject"] == "[pgherald] orders: ID 1 changed"
+    assert deleted["Subject"] == "[pgherald] orders: ID 7 deleted"
     assert added["Auto-Submitted"] == "auto-generated"
     assert added["X-Pgherald-Event-Id"] == events[0].event_id
     assert added["X-Pgherald-Watch"] == "orders"
@@ -91,16 +91,17 @@ def test_a_mail_per_change_over_starttls_with_auth(server: MailServer, cert: Cer
     assert len({m["Message-ID"] for m in (added, changed, deleted)}) == 3
 
     text, html = parts(added)
-    assert "orders: id=1 added" in text
-    assert "public.orders, 2024-05-01 12:00:01 UTC, by logical capture" in text
-    assert "name: Zoë 1" in text and "amount: 1.50" in text
+    assert "orders: ID 1 added" in text
+    assert "May 1, 2024, 12:00:01\u202fPM UTC · logical replication" in text
+    assert "  Name: Zoë 1" in text and "  Amount: 1.50" in text
     text, html = parts(changed)
-    assert "name: Zoë 1 → Zoë 2" in text
-    assert "amount: 0.00 → 2.50" in text
-    assert "<del><bdi>Zoë 1</bdi></del>" in html and "<ins><bdi>Zoë 2</bdi></ins>" in html
-    assert "<title>[pgherald] orders: id=1 changed</title>" in html
+    assert "  Name: Zoë 1 → Zoë 2" in text
+    assert "  Amount: 0.00 → 2.50" in text
+    assert '<span class="pgh-old"><bdi>Zoë 1</bdi></span>' in html
+    assert '<span class="pgh-new"><bdi>Zoë 2</bdi></span>' in html
+    assert "<title>[pgherald] orders: ID 1 changed</title>" in html
     text, html = parts(deleted)
-    assert "orders: id=7 deleted" in text and "name: Zoë 2" in text
+    assert "orders: ID 7 deleted" in text and "  Name: Zoë 2" in text
 
     # The same change sent again (a retry after a crash) is the same message to mail programs.
     assert send(sink, messages(events[:1])) == [None]
@@ -120,24 +121,25 @@ def test_hostile_values_are_shown_escaped_and_cannot_add_headers(
     mail, long_mail, rtl_mail = server.messages()
 
     assert mail["X-Injected"] is None and mail["Bcc"] is None
-    assert mail["Subject"] == "orders X-Injected: yes / id=1 / added / public.orders"
+    assert mail["Subject"] == "orders↵ X-Injected: yes / ID 1 / added / public.orders"
     assert mail["X-Pgherald-Watch"] == "orders X-Injected: yes"
     assert all(r.rcpt_tos == ("finance@example.com", "audit@example.com") for r in server.received)
     text, html = parts(mail)
     assert "<script>" not in html
     assert "&lt;script&gt;alert(&#34;x&#34;)&lt;/script&gt;" in html
-    assert '<script>alert("x")</script>\\r\\nBcc: victim@example.com 1' in text
-    assert "orders\\r\\nX-Injected: yes: id=1 added" in text
+    assert '  Name: <script>alert("x")</script>↵ Bcc: victim@example.com 1' in text
+    assert "orders↵ X-Injected: yes: ID 1 added" in text
 
+    # A long value is shortened where it is listed, and given in full below.
     text, html = parts(long_mail)
-    assert "x" * 298 + "…" in text and "x" * 300 not in text
-    assert "x" * 298 + "…" in html
+    assert "  Name: " + "x" * 150 in text and "x…\r\n" in text
+    assert "Name, in full:" in text and "x" * 5000 in text
+    assert "x…</bdi></summary>" in html and "x" * 5000 in html
 
     # Right-to-left text arrives intact; a bidi override cannot reorder what follows it.
     text, html = parts(rtl_mail)
-    assert "name: שלום עולם \\u202eevil 3" in text
-    assert "<bdi>שלום עולם \\u202eevil 3</bdi>" in html
-    assert "\u202e" not in text + html
+    assert "  Name: \u2068שלום עולם \u202eevil 3\u2069" in text
+    assert "<bdi>שלום עולם \u202eevil 3</bdi>" in html
 
 
 def test_tls_from_the_start(cert: Cert) -> None:
@@ -281,11 +283,12 @@ def test_a_digest_mail(server: MailServer, cert: Cert) -> None:
     assert mail["X-Pgherald-Digest"] == "day:2024-05-01"
     assert mail["X-Pgherald-Changes"] == "3"
     text, html = parts(mail)
-    assert "orders: id=1 added" in text and "name: Zoë 1 → Zoë 2" in text
-    assert "… and 1 more change, not listed here." in text
-    assert '<td>&lt;b&gt;x&lt;/b&gt;</td><td>deleted</td><td class="n">1</td>' in html
+    assert "3 changes: 1 added, 1 changed, 1 deleted" in text
+    assert "orders: ID 1 added" in text and "  Name: Zoë 1 → Zoë 2" in text
+    assert "… and 1 more change not listed here." in text
+    assert '<td><bdi>&lt;b&gt;x&lt;/b&gt;</bdi></td><td>deleted</td><td class="n">1</td>' in html
     assert "<b>x</b>" not in html
-    assert "… and 1 more change," in html and "not listed here.</strong>" in html
+    assert "… and 1 more change\r\nnot listed here.</p>" in html
     # Sent again (after a crash), the digest is the same message.
     assert asyncio.run(sink.send_digest(digest)) is None
     assert server.messages()[1]["Message-ID"] == mail["Message-ID"]
@@ -297,8 +300,8 @@ def test_a_digest_mail(server: MailServer, cert: Cert) -> None:
     mail = server.messages()[-1]
     assert mail["Subject"] == "[pgherald] orders: no changes (run 9 of orders)"
     text, html = parts(mail)
-    assert "Nothing changed." in text and "<p>Nothing changed.</p>" in html
-    assert "Snapshot run 9 of orders, started 2024-05-01 03:00:00 UTC" in text
+    assert "Nothing changed." in text and '<p class="pgh-summary">Nothing changed.</p>' in html
+    assert "Snapshot run 9 of orders, started May 1, 2024, 3:00:00\u202fAM UTC" in text
 
 
 def test_a_digest_sink_refuses_single_changes_from_the_engine(cert: Cert) -> None:
@@ -332,6 +335,7 @@ def test_a_digest_sink_refuses_single_changes_from_the_engine(cert: Cert) -> Non
         ({"mode": "digest", "period": "week"}, "'period' must be one of hour, day, run"),
         ({"mode": "digest", "subject": "{key}"}, "field {key} is not allowed"),
         ({"timezone": "Mars/Olympus"}, "unknown time zone 'Mars/Olympus'"),
+        ({"locale": "xx_YY"}, "unknown locale 'xx_YY'"),
         ({"timeout": 0}, "'timeout' must be at least"),
     ],
 )

@@ -33,26 +33,28 @@ import logging
 import re
 import ssl
 import string
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from datetime import UTC, datetime, tzinfo
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime
 from email.message import EmailMessage
 from email.policy import SMTP
 from email.utils import format_datetime, parseaddr
 from typing import Any, Final
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import aiosmtplib
 
 from pgherald.errors import ConfigError, PermanentSinkError, RetryableSinkError, SinkError
 from pgherald.events import ChangeEvent
+from pgherald.render import Display, Renderer
+from pgherald.render.values import check_locale, check_timezone
 from pgherald.sinks.base import Message, Options, Outcome, SinkConfig
 from pgherald.sinks.digest import PERIODS, Digest, DigestPolicy, Period
-from pgherald.sinks.email_render import OP_WORDS, render_change, render_digest, window_text
+from pgherald.sinks.email_render import render_change, render_digest, window_text
 
 log = logging.getLogger("pgherald.sinks.email")
 
 DEFAULT_CHANGE_SUBJECT: Final = "[pgherald] {watch}: {key} {op}"
+"""``{watch}`` is the watch's display name, ``{key}`` the row's label, ``{op}`` in words."""
 DEFAULT_DIGEST_SUBJECT: Final = "[pgherald] {watches}: {changes} ({window})"
 CHANGE_FIELDS: Final = frozenset({"sink", "watch", "table", "op", "operation", "key"})
 DIGEST_FIELDS: Final = frozenset({"sink", "watches", "changes", "count", "period", "window"})
@@ -139,7 +141,8 @@ class EmailSink:
         *,
         subject: str | None = None,
         digest: DigestPolicy | None = None,
-        timezone: tzinfo | None = None,
+        locale: str | None = None,
+        timezone: str | None = None,
         strictly_ordered: bool = False,
     ) -> None:
         self.name = name
@@ -147,8 +150,13 @@ class EmailSink:
         self.sender = sender
         self.recipients = list(recipients)
         self.digest = digest
-        self.timezone = timezone
         self.strictly_ordered = strictly_ordered
+        self._locale, self._timezone = locale, timezone
+        """The sink's own choices; None: the store's settings (``use_settings``), else en/UTC."""
+        self.renderer = Renderer(locale=locale or "en", timezone=timezone or "UTC")
+        self._zone_name = timezone or "UTC"
+        if digest is not None:
+            self.digest = replace(digest, timezone=check_timezone(self._zone_name))
         where = f"sink {name!r} (email)"
         self.subject = SubjectTemplate(
             subject or (DEFAULT_DIGEST_SUBJECT if digest else DEFAULT_CHANGE_SUBJECT),
@@ -161,6 +169,27 @@ class EmailSink:
 
     def __repr__(self) -> str:
         return f"EmailSink({self.name!r}, {self.smtp!r})"
+
+    def use_settings(
+        self,
+        *,
+        locale: str = "en",
+        timezone: str = "UTC",
+        templates_dir: str | None = None,
+        displays: Mapping[str, Display] | Callable[[str], Display] | None = None,
+    ) -> None:
+        """The store's settings for what the sink's options leave open: the locale and time
+        zone of the mails (and where hours and days begin), the templates folder, and the
+        watches' display names and row labels. The composition root calls this."""
+        self._zone_name = self._timezone or timezone
+        self.renderer = Renderer(
+            locale=self._locale or locale,
+            timezone=self._zone_name,
+            templates_dir=templates_dir,
+            displays=displays,
+        )
+        if self.digest is not None:
+            self.digest = replace(self.digest, timezone=check_timezone(self._zone_name))
 
     async def start(self) -> None:
         """Nothing to do: each batch or digest connects, so a server that is down now is
@@ -186,18 +215,18 @@ class EmailSink:
 
     def change_mail(self, event: ChangeEvent) -> EmailMessage:
         """The mail of one change (its subject, headers and both parts)."""
-        key = ", ".join(f"{k}={'(empty)' if v is None else v}" for k, v in event.key.items())
+        view = self.renderer.view(event)
         subject = self.subject.render(
             {
                 "sink": self.name,
-                "watch": event.watch,
+                "watch": view.watch_title,
                 "table": f"{event.schema}.{event.table}" if event.schema else event.table,
-                "op": OP_WORDS.get(event.op, event.op),
+                "op": view.op_words,
                 "operation": event.op,
-                "key": key,
+                "key": view.label or "",
             }
         )
-        body = render_change(event, self.timezone, subject)
+        body = render_change(event, self.renderer, subject)
         mail = self._mail(subject, body.text, body.html, f"change.{self._id(event.event_id)}")
         mail["X-Pgherald-Event-Id"] = header_text(event.event_id)
         mail["X-Pgherald-Watch"] = header_text(event.watch)
@@ -214,7 +243,8 @@ class EmailSink:
         return outcome
 
     def digest_mail(self, digest: Digest) -> EmailMessage:
-        watches = sorted({w for w, _ in digest.counts} or set(digest.watches))
+        names = sorted({w for w, _ in digest.counts} or set(digest.watches))
+        watches = [self.renderer.display(w).title for w in names]
         shown = ", ".join(watches[:3]) + (
             f" and {len(watches) - 3} more" if len(watches) > 3 else ""
         )
@@ -230,7 +260,7 @@ class EmailSink:
                 "window": window_text(digest),
             }
         )
-        body = render_digest(digest, subject)
+        body = render_digest(digest, self.renderer, subject)
         mail = self._mail(subject, body.text, body.html, f"digest.{digest.digest_id}")
         mail["X-Pgherald-Digest"] = header_text(digest.key)
         mail["X-Pgherald-Changes"] = str(total)
@@ -439,7 +469,8 @@ def from_config(config: SinkConfig) -> EmailSink:
     send_empty = options.boolean("send_empty", False)
     delay = options.number("delay", 60.0, minimum=0.0)
     max_items = options.integer("max_items", 200, minimum=1)
-    zone_name = options.text("timezone", "UTC")
+    zone_name = options.text("timezone")
+    locale = options.text("locale")
     options.check_unknown()
 
     if port > 65535:
@@ -459,9 +490,11 @@ def from_config(config: SinkConfig) -> EmailSink:
     if mode == "change" and digest_only:
         raise fail(f"option(s) {', '.join(map(repr, digest_only))} are for mode = 'digest'")
     try:
-        zone: tzinfo = ZoneInfo(zone_name or "UTC")
-    except (ZoneInfoNotFoundError, ValueError):
-        raise fail(f"option 'timezone': unknown time zone {zone_name!r}") from None
+        zone = check_timezone(zone_name or "UTC")
+        if locale is not None:
+            check_locale(locale)
+    except ConfigError as e:
+        raise fail(str(e)) from None
     digest = None
     if mode == "digest":
         chosen = period or "day"
@@ -493,7 +526,8 @@ def from_config(config: SinkConfig) -> EmailSink:
         recipients,
         subject=subject,
         digest=digest,
-        timezone=zone,
+        locale=locale,
+        timezone=zone_name,
         strictly_ordered=config.strictly_ordered,
     )
 
