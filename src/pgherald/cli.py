@@ -771,5 +771,17 @@ def _register_render_commands() -> None:
 
 _register_render_commands()
 
+
+def _register_web_commands() -> None:
+    from pgherald import cli_web
+
+    for command in cli_web.LEAVES:
+        connection_options(command)
+    for command in cli_web.COMMANDS:
+        main.add_command(command)
+
+
+_register_web_commands()
+
 if __name__ == "__main__":  # pragma: no cover
     main()
