@@ -29,6 +29,7 @@ from pgherald.store import migrations
 from pgherald.store import users as user_store
 from pgherald.web import login, pages, stream
 from pgherald.web.console import Console, Pool
+from pgherald.web.feeds import feed_routes
 from pgherald.web.live import Notifier
 from pgherald.web.security import MIN_SECRET, SECRET_NAME, Signer, new_secret
 
@@ -156,7 +157,7 @@ def create_app(
             console.pool.close()
 
     app = Starlette(
-        routes=[*extra_routes, *routes()],
+        routes=[*extra_routes, *feed_routes(settings), *routes()],
         middleware=[Middleware(SecurityHeaders)],
         lifespan=lifespan,
     )
