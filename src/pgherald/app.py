@@ -287,12 +287,18 @@ def _run_trigger(settings: Settings, source: TriggerSource, stop: threading.Even
         sink.close()
 
 
-def run(settings: Settings, stop: threading.Event, resync: bool = False) -> None:
+def run(
+    settings: Settings,
+    stop: threading.Event,
+    resync: bool = False,
+    web: tuple[str, int] | None = None,
+) -> None:
     """Captures the configured watches into the change log, and routes and delivers their
     events to the sinks, until ``stop`` is set.
 
     Each part runs in a thread of its own; the first one to fail stops the others, and its
     error is raised here. Sinks added while running are picked up at the next start.
+    ``web`` serves the web console on ``(host, port)`` beside them.
     """
     capture = Capture(settings, resync=resync, stop=stop)
     log.info("capturing %s from %s", capture.describe(), settings.redacted_dsn())
@@ -303,8 +309,26 @@ def run(settings: Settings, stop: threading.Event, resync: bool = False) -> None
         if delivery.engine.sinks:
             log.info("delivering to %s", ", ".join(sorted(delivery.engine.sinks)))
         delivery.start()
+        threads: list[_SourceThread] = []
+        if web is not None:
+            # Imported here: the console's pages import the admin modules, which import us.
+            from pgherald.web.server import serve as serve_web
+
+            host, port = web
+            threads.append(
+                _SourceThread(
+                    "pgherald-web",
+                    lambda: serve_web(settings, stop, host=host, port=port),
+                    stop,
+                )
+            )
+            threads[-1].start()
         while not stop.wait(0.5):
             pass
+        for t in threads:
+            t.join(15)
+            if t.error is not None:
+                raise t.error
     finally:
         stop.set()
         try:

@@ -30,7 +30,7 @@ from pgherald import __version__, admin, present
 from pgherald.cli_listen import listen
 from pgherald.config import LOG_LEVELS, TABLE_METHODS, Settings, load_settings
 from pgherald.db.connect import connection_failed
-from pgherald.errors import PgHeraldError, WatchError
+from pgherald.errors import ConfigError, PgHeraldError, WatchError
 from pgherald.events import ChangeEvent
 from pgherald.schedule import Schedule
 from pgherald.store.migrations import LATEST_VERSION
@@ -509,9 +509,15 @@ def snapshot_run(ctx: click.Context, names: tuple[str, ...]) -> None:
     help="Start again with a new replication slot when the old one was lost (changes made"
     " meanwhile are not captured).",
 )
+@click.option(
+    "--web",
+    "web_address",
+    metavar="HOST:PORT",
+    help="Also serve the web console (and feeds) on this address, e.g. 127.0.0.1:8080.",
+)
 @connection_options
 @click.pass_context
-def run(ctx: click.Context, resync: bool) -> None:
+def run(ctx: click.Context, resync: bool, web_address: str | None) -> None:
     """Capture the watches' changes into the change log until stopped (Ctrl-C, SIGTERM)."""
     from pgherald import app
 
@@ -527,7 +533,7 @@ def run(ctx: click.Context, resync: bool) -> None:
 
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        app.run(settings, stop, resync=resync)
+        app.run(settings, stop, resync=resync, web=_address(web_address))
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
@@ -572,6 +578,15 @@ def deliver(ctx: click.Context, sinks: tuple[str, ...]) -> None:
         for s, handler in previous.items():
             signal.signal(s, handler)
     logging.getLogger("pgherald").info("stopped")
+
+
+def _address(text: str | None) -> tuple[str, int] | None:
+    if text is None:
+        return None
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"--web {text!r} is not HOST:PORT (e.g. 127.0.0.1:8080)")
+    return host.strip("[]"), int(port)
 
 
 def _setup_logging(level: str) -> None:
