@@ -273,6 +273,37 @@ def describe(event: ChangeEvent) -> str:
     )
 
 
+def _console_and_feed(settings: Settings, port: int, out: TextIO) -> tuple[Any, app.Delivery]:
+    """The web console, a demo user, and an Atom feed of every change, with their URLs.
+
+    The feed is a subscription of a feed sink, so it rides on routing and delivery as a
+    real deployment's would; the password is made up now and shown once.
+    """
+    import secrets
+
+    from pgherald import feeds, routing_admin
+    from pgherald.web import accounts
+    from pgherald.web.server import Server
+
+    password = secrets.token_urlsafe(12)
+    accounts.add_user(settings, "demo", password, "admin")
+    routing_admin.add_sink(settings, "demo-feed", "feed", options={"title": "Finance changes"})
+    routing_admin.subscribe(settings, "demo-feed", ["employees", "projects", "grants"])
+    delivery = app.Delivery(settings).start()
+    try:
+        console = Server(settings, port=port + 1).start()
+    except OSError:  # the port is taken: any free one will do
+        console = Server(settings, port=0).start()
+    token = feeds.feed_token(settings, "demo-feed")
+    print(
+        f"pgherald demo: web console at {console.url} (user demo, password {password})",
+        file=out,
+        flush=True,
+    )
+    print(f"pgherald demo: Atom feed at {console.url}feeds/{token}.atom", file=out, flush=True)
+    return console, delivery
+
+
 def main(
     duration: float | None = None,
     rate: float = 4.0,
@@ -317,6 +348,7 @@ def main(
         except OSError:  # the port is taken: any free one will do
             server = ChangesServer(settings.dsn, settings.schema, port=0).start()
         print(f"pgherald demo: serving the changes at {server.url}", file=out, flush=True)
+        console, delivery = _console_and_feed(settings, port, out)
         rng = random.Random(seed)
         work_conn = psycopg.connect(settings.dsn, autocommit=True)
         workload = Workload(work_conn, rng, journal_file)
@@ -347,6 +379,8 @@ def main(
                 shown += 1
             time.sleep(0.1)
         server.stop()
+        console.stop()
+        delivery.close()
         work_conn.close()
         reader_conn.close()
         capture.close()

@@ -19,6 +19,7 @@ from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
 
+import feedparser
 import psutil
 
 SERVING = re.compile(r"serving the changes at (http://\S+)")
@@ -62,10 +63,17 @@ def test_demo_prints_exactly_what_its_workload_committed(tmp_path: Path) -> None
     served: list[dict[str, Any]] = []
     page = ""
     url = None
+    feed_url = console_url = None
+    feed: Any = None
+    login = ""
     for line in proc.stdout:
         lines.append(line.rstrip("\n"))
         if (m := SERVING.search(line)) is not None:
             url = m.group(1)
+        if m := re.search(r"web console at (\S+) \(user demo, password (\S+)\)", line):
+            console_url = m.group(1)
+        if (m := re.search(r"Atom feed at (\S+)", line)) is not None:
+            feed_url = m.group(1)
         if first_change_after is None and LINE.match(line):
             first_change_after = time.monotonic() - started
         if url and not served and len([x for x in lines if LINE.match(x)]) >= 10:
@@ -74,6 +82,12 @@ def test_demo_prints_exactly_what_its_workload_committed(tmp_path: Path) -> None
                 served = json.load(resp)
             with urllib.request.urlopen(url, timeout=10) as resp:
                 page = resp.read().decode()
+            assert console_url and feed_url, lines
+            with urllib.request.urlopen(console_url + "login", timeout=10) as resp:
+                login = resp.read().decode()
+            time.sleep(2)  # routing and the feed sink's delivery
+            with urllib.request.urlopen(feed_url, timeout=10) as resp:
+                feed = feedparser.parse(resp.read())
     proc.wait(timeout=120)
     stderr = proc.stderr.read() if proc.stderr else ""
     assert proc.returncode == 0, stderr
@@ -105,6 +119,9 @@ def test_demo_prints_exactly_what_its_workload_committed(tmp_path: Path) -> None
     served_ops = {(e["table"], e["op"], e["key"]["id"]) for e in served}
     assert served_ops <= set(truth) | {(t, o, int(k)) for t, o, k in truth}
     assert "Recent changes" in page and "employees" in page
+    assert "<form" in login
+    assert feed is not None and not feed.bozo and feed.feed.title == "Finance changes"
+    assert len(feed.entries) >= 1
     summary = lines[-1]
     assert f"{len(truth)} changes committed" in summary and f"{len(truth)} captured" in summary
 
