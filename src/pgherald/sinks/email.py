@@ -45,7 +45,7 @@ import aiosmtplib
 
 from pgherald.errors import ConfigError, PermanentSinkError, RetryableSinkError, SinkError
 from pgherald.events import ChangeEvent
-from pgherald.render import Display, Renderer
+from pgherald.render import Display, Links, Renderer
 from pgherald.render.values import check_locale, check_timezone
 from pgherald.sinks.base import Message, Options, Outcome, SinkConfig
 from pgherald.sinks.digest import PERIODS, Digest, DigestPolicy, Period
@@ -177,16 +177,19 @@ class EmailSink:
         timezone: str = "UTC",
         templates_dir: str | None = None,
         displays: Mapping[str, Display] | Callable[[str], Display] | None = None,
+        links: Links | None = None,
     ) -> None:
         """The store's settings for what the sink's options leave open: the locale and time
-        zone of the mails (and where hours and days begin), the templates folder, and the
-        watches' display names and row labels. The composition root calls this."""
+        zone of the mails (and where hours and days begin), the templates folder, the
+        watches' display names and row labels, and links to the web console (only when its
+        public URL is known: a mail needs absolute links). The composition root calls this."""
         self._zone_name = self._timezone or timezone
         self.renderer = Renderer(
             locale=self._locale or locale,
             timezone=self._zone_name,
             templates_dir=templates_dir,
             displays=displays,
+            links=links,
         )
         if self.digest is not None:
             self.digest = replace(self.digest, timezone=check_timezone(self._zone_name))
