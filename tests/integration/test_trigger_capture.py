@@ -397,3 +397,20 @@ def test_hostile_names_and_a_partitioned_table(db: Database) -> None:
          ("v %(x)s",)),
         ("we'ird %s", 'Odd "T%s"', "truncate", None, ()),
     ]  # fmt: skip
+
+
+def test_a_clean_stop_disarms_the_wake_up(db: Database) -> None:
+    """Once pgherald is gone nobody listens: writers must not go on paying for NOTIFYs."""
+    run_sql(db, "CREATE TABLE t (id int PRIMARY KEY)")
+    settings = install(db, ["t"])
+    with h.capturing(settings):
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            with db.connect() as conn:
+                if conn.execute(b"SELECT armed FROM pgherald.trigger_wake").fetchone() == (True,):
+                    break
+            time.sleep(0.05)
+        else:
+            raise AssertionError("the drainer never went idle")
+    with db.connect() as conn:
+        assert conn.execute(b"SELECT armed FROM pgherald.trigger_wake").fetchone() == (False,)

@@ -390,6 +390,11 @@ class TriggerSource:
                 idle_wait = max(s.busy_poll, 0.05)
             else:
                 idle_wait = min(idle_wait * 2, s.idle_poll_max)
+        if armed:
+            # Nobody listens once we are gone: spare the writers a NOTIFY per transaction
+            # (each one serialises their commits) until a drainer runs again. A drainer
+            # that is killed cannot do this; the next one disarms at its start.
+            self._set_wake(sink, False)
 
     @staticmethod
     def _check_leader(wake: psycopg.Connection[Any]) -> None:
