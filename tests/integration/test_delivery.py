@@ -75,6 +75,15 @@ def statuses(db: Database) -> dict[str, int]:
     return {str(r[0]): int(str(r[1])) for r in rows}
 
 
+def routed_all(db: Database) -> bool:
+    """Whether the router's checkpoint has reached the last event of the log."""
+    row = db.execute(
+        "SELECT (SELECT position::bigint FROM pgherald.checkpoints WHERE source = 'router')"
+        " = (SELECT max(id) FROM pgherald.events)"
+    )
+    return bool(row[0][0])
+
+
 def bodies(sink: RecordingSink) -> list[dict[str, Any]]:
     return [json.loads(m.body) for m in sink.delivered]
 
@@ -182,6 +191,7 @@ def test_several_workers_share_a_sink_without_double_sends(db: Database) -> None
                     f" UPDATE orders SET amount = amount + 1 WHERE id % 7 = {i % 7}"
                 )
             h.catch_up(settings, alive=lambda: h.capture_problem(capture))
+            wait_for(lambda: routed_all(db))  # else `total` may be counted half-way
             total = int(str(db.execute("SELECT count(*) FROM pgherald.deliveries")[0][0]))
             wait_for(lambda: len(sink.delivered) == total, 60)
         finally:
