@@ -1,0 +1,489 @@
+"""End to end: logical capture -> change log -> router -> delivery engine -> RabbitMQ.
+
+pgherald runs in-process as ``pgherald run`` wires it (``LogicalSource`` + ``ChangeLogSink``,
+the ``Router`` and the ``DeliveryEngine`` with default settings) and delivers to an
+``amqp`` sink: a durable fanout exchange of the run's own, persistent mandatory
+messages, publisher confirms. The bench binds a queue of its own to the exchange.
+
+**Throughput.** A fresh database per repetition gets pgherald's slot and a reference slot
+on the same publication; then N one-row transactions are committed while nobody reads
+(``SINGLE_ROW_TRANSACTIONS``, as ``bench_logical_throughput`` makes them). pgherald
+drains its slot all the way: events/s = N / seconds from starting pgherald until the
+bench's queue holds N messages *and* the engine has recorded N deliveries as delivered
+(a delivery counts once the broker confirmed it). The queue's depth is read with a
+passive declare every few milliseconds, so counting costs no CPU per message. The
+reference: ``pg_recvlogical`` draining the reference slot's identical backlog to
+/dev/null; the order of the two alternates between repetitions. Target: >= 20,000
+events/s.
+
+**Latency.** ``pgbench --rate 2000`` (8 clients, one-row INSERT transactions) runs for a
+while and pgherald captures and delivers it. A consumer in a process of its own (so
+that neither steals the other's interpreter lock) receives every message and notes the
+wall clock when it arrived; latency = arrival - the event's ``commit_time`` in the body
+(pgoutput's commit timestamp, taken by the server's clock on this same machine). The
+first seconds are left out. The reference, in the same run on the same workload:
+``pg_recvlogical`` on a second slot (``test_decoding`` with ``include-timestamp``,
+written to a pipe that the bench reads line by line): commit-to-received of each COMMIT
+line, what the server and the transport cost before pgherald does anything. Targets:
+p50 <= 15 ms, p99 <= 75 ms.
+
+Run: ``.venv/bin/python bench/bench_delivery.py [--part throughput|latency|both]
+[--rows 100000] [--rate 2000] [--seconds 15] [--repeat 3] [--durable-queue]``.
+RabbitMQ must listen on 127.0.0.1:5672 (guest/guest), as for the sink tests
+(``.ci/services``), or give ``--amqp-url``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
+
+import aio_pika
+import aio_pika.abc
+
+from bench import _common as c
+from pgherald import app, routing_admin
+from pgherald.db.embedded import EmbeddedCluster
+
+TARGET_RATE = 20_000
+TARGET_P50_MS = 15.0
+TARGET_P99_MS = 75.0
+WARM_UP_S = 2.0
+CLIENTS = 8
+SINK = "rabbit"
+DEFAULT_URL = "amqp://guest:guest@127.0.0.1:5672/"
+TD_SLOT = "bench_reference_td"
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+# -- RabbitMQ: the exchange and the bench's queue --------------------------------------------
+
+
+class Broker:
+    """The bench's side of RabbitMQ, on an event loop in a thread of its own: declares the
+    run's exchange and a queue bound to it, and reads the queue's depth on request."""
+
+    def __init__(self, url: str, exchange: str, queue: bool, durable_queue: bool = False) -> None:
+        self.url = url
+        self.exchange = exchange
+        self.queue = f"{exchange}-q" if queue else ""
+        self.durable_queue = durable_queue
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+        self._thread.start()
+        self._channel: aio_pika.abc.AbstractChannel | None = None
+        self._connection: aio_pika.abc.AbstractConnection | None = None
+        self._call(self._open())
+
+    def _call(self, coro: Any, timeout: float = 30.0) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
+
+    async def _open(self) -> None:
+        self._connection = await aio_pika.connect(self.url, timeout=10)
+        self._channel = channel = await self._connection.channel()
+        exchange = await channel.declare_exchange(
+            self.exchange, aio_pika.ExchangeType.FANOUT, durable=True
+        )
+        if not self.queue:
+            return
+        queue = await channel.declare_queue(
+            self.queue, durable=self.durable_queue, auto_delete=False
+        )
+        await queue.bind(exchange)
+
+    async def _depth(self) -> int:
+        assert self._channel is not None
+        queue = await self._channel.declare_queue(self.queue, passive=True)
+        result = queue.declaration_result
+        return int(result.message_count or 0)
+
+    def depth(self) -> int:
+        return int(self._call(self._depth()))
+
+    async def _close(self) -> None:
+        assert self._channel is not None and self._connection is not None
+        with contextlib.suppress(Exception):
+            if self.queue:
+                await self._channel.queue_delete(self.queue)
+            await self._channel.exchange_delete(self.exchange)
+        await self._connection.close()
+
+    def close(self) -> None:
+        try:
+            self._call(self._close())
+        finally:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(10)
+
+
+# -- pgherald end to end ---------------------------------------------------------------------
+
+
+def add_amqp_sink(db: c.BenchDB, url: str, exchange: str) -> None:
+    routing_admin.add_sink(
+        db.settings, SINK, "amqp", options={"url": url, "exchange": exchange}, format="pgherald"
+    )
+    routing_admin.subscribe(db.settings, SINK, [c.WATCH])
+
+
+class Pipeline:
+    """pgherald capturing, routing and delivering in this process, as ``pgherald run``
+    does; each stage's progress is readable without a query."""
+
+    def __init__(self, db: c.BenchDB) -> None:
+        self.capture = c.Capturing(db)
+        self.delivery = app.Delivery(db.settings, stop=self.capture.stop)
+
+    def start(self) -> Pipeline:
+        self.capture.start()
+        self.delivery.start()
+        return self
+
+    def check(self) -> None:
+        self.capture.stored()  # raises if capture failed
+        if self.delivery.errors:
+            raise RuntimeError(f"delivery failed: {self.delivery.errors[0]!r}")
+
+    def stored(self) -> int:
+        return self.capture.stored()
+
+    def routed(self) -> int:
+        return self.delivery.router.routed_events
+
+    def delivered(self) -> int:
+        return self.delivery.engine.stats[SINK].delivered
+
+    def close(self) -> None:
+        try:
+            self.delivery.close(timeout=30)
+        finally:
+            self.capture.close()
+
+
+@contextlib.contextmanager
+def pipeline(db: c.BenchDB) -> Iterator[Pipeline]:
+    running = Pipeline(db).start()
+    try:
+        yield running
+    finally:
+        running.close()
+
+
+@dataclass
+class Drained:
+    seconds: float
+    stored_at: float
+    routed_at: float
+    in_queue: int
+
+
+def drain_pgherald(db: c.BenchDB, broker: Broker, rows: int) -> Drained:
+    """Seconds from starting pgherald until ``rows`` messages are in the bench's queue and
+    recorded as delivered; also when capture had stored them and the router routed them."""
+    started = time.perf_counter()
+    stored_at = routed_at = 0.0
+    deadline = time.monotonic() + 900
+    with pipeline(db) as running:
+        while True:
+            running.check()
+            now = time.perf_counter()
+            if not stored_at and running.stored() >= rows:
+                stored_at = now
+            if not routed_at and running.routed() >= rows:
+                routed_at = now
+            if running.delivered() >= rows and broker.depth() >= rows:
+                done = time.perf_counter()
+                break
+            if time.monotonic() > deadline:
+                raise TimeoutError(
+                    f"stored {running.stored()}, routed {running.routed()},"
+                    f" delivered {running.delivered()}, queue {broker.depth()} of {rows}"
+                )
+            time.sleep(0.005)
+    return Drained(done - started, stored_at - started, routed_at - started, broker.depth())
+
+
+def throughput(cluster: EmbeddedCluster, args: argparse.Namespace) -> tuple[float, float, float]:
+    rows = args.rows
+    ours: list[float] = []
+    theirs: list[float] = []
+    for rep in range(args.repeat):
+        db = c.bench_db(cluster, f"delivery_tp_{rep}")
+        exchange = f"pgherald-bench-{uuid.uuid4().hex[:8]}"
+        broker = Broker(args.amqp_url, exchange, queue=True, durable_queue=args.durable_queue)
+        try:
+            add_amqp_sink(db, args.amqp_url, exchange)
+            db.create_reference_slot()
+            made = c.run_workload(db, c.SINGLE_ROW_TRANSACTIONS, rows)
+            end = db.wal_lsn()
+            if rep % 2 == 0:
+                t_ref = c.drain_pg_recvlogical(db, end)
+                drained = drain_pgherald(db, broker, rows)
+            else:
+                drained = drain_pgherald(db, broker, rows)
+                t_ref = c.drain_pg_recvlogical(db, end)
+            with db.connect() as conn:
+                found = conn.execute(
+                    "SELECT count(*) FILTER (WHERE status = 'delivered'), count(*)"
+                    " FROM pgherald.deliveries"
+                ).fetchone()
+            assert found is not None and found[0] == found[1] == rows, found
+        finally:
+            broker.close()
+            db.drop()
+        ours.append(rows / drained.seconds)
+        theirs.append(rows / t_ref)
+        extra = drained.in_queue - rows
+        c.say(
+            f"  throughput #{rep + 1}: workload {made:5.1f}s | pg_recvlogical"
+            f" {rows / t_ref:9,.0f} events/s | pgherald in RabbitMQ {rows / drained.seconds:9,.0f}"
+            f" events/s ({drained.seconds:.2f}s; stored by {drained.stored_at:.2f}s, routed by"
+            f" {drained.routed_at:.2f}s{f'; {extra} duplicates' if extra else ''})"
+            f" | ratio {t_ref / drained.seconds:.2f}"
+        )
+    rate, ref = c.median(ours), c.median(theirs)
+    ratio = c.median([o / t for o, t in zip(ours, theirs, strict=True)])
+    verdict = "ok" if rate >= TARGET_RATE else "BELOW TARGET"
+    c.say(
+        f"throughput ({rows:,} one-row transactions, median of {args.repeat}): pgherald"
+        f" {rate:,.0f} events/s confirmed in RabbitMQ, pg_recvlogical {ref:,.0f} events/s,"
+        f" median ratio {ratio:.2f}  [target >= {TARGET_RATE:,} events/s: {verdict}]"
+    )
+    return rate, ref, ratio
+
+
+# -- latency ---------------------------------------------------------------------------------
+
+
+def consumer_main(url: str, exchange: str) -> None:
+    """The latency consumer (a process of its own): its exclusive queue bound to the
+    exchange, each message's arrival time noted; on a line on stdin, it prints
+    ``[[arrival, commit_time], ...]`` as JSON and exits."""
+
+    async def consume() -> None:
+        arrivals: list[tuple[float, bytes]] = []
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        connection = await aio_pika.connect(url, timeout=10)
+        channel = await connection.channel()
+        ex = await channel.declare_exchange(exchange, aio_pika.ExchangeType.FANOUT, durable=True)
+        queue = await channel.declare_queue(exclusive=True)
+        await queue.bind(ex)
+
+        def on_message(message: aio_pika.abc.AbstractIncomingMessage) -> None:
+            arrivals.append((time.time(), message.body))
+
+        await queue.consume(on_message, no_ack=True)  # type: ignore[arg-type]
+        threading.Thread(
+            target=lambda: (sys.stdin.readline(), loop.call_soon_threadsafe(stop.set)),
+            daemon=True,
+        ).start()
+        print("ready", flush=True)
+        await stop.wait()
+        await connection.close()
+        out = [[t, json.loads(body)["commit_time"]] for t, body in arrivals]
+        sys.stdout.write(json.dumps(out) + "\n")
+        sys.stdout.flush()
+
+    asyncio.run(consume())
+
+
+def latencies_ms(pairs: list[tuple[float, str]]) -> list[float]:
+    """Arrival minus commit time, without the first WARM_UP_S seconds of commits."""
+    measured = [(datetime.fromisoformat(commit).timestamp(), arrival) for arrival, commit in pairs]
+    if not measured:
+        return []
+    first = min(commit for commit, _ in measured)
+    return [
+        (arrival - commit) * 1000 for commit, arrival in measured if commit >= first + WARM_UP_S
+    ]
+
+
+def pgherald_latency(
+    db: c.BenchDB, url: str, exchange: str, rate: int, seconds: int
+) -> tuple[float, float, float, int]:
+    """(p50 ms, p99 ms, achieved tps, messages) of commit-to-consumer."""
+    consumer = subprocess.Popen(
+        [sys.executable, __file__, "--consume", url, exchange],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert consumer.stdout is not None and consumer.stdin is not None
+        if consumer.stdout.readline().strip() != "ready":
+            raise RuntimeError("the consumer did not start")
+        with pipeline(db) as running:
+            deadline = time.monotonic() + 30
+            while not running.capture.source.connected.wait(0.05):
+                running.check()
+                if time.monotonic() > deadline:
+                    raise TimeoutError("capture did not start")
+            running.delivery.wait_ready()
+            result = c.pgbench(db, c.INSERT_ONE, clients=CLIENTS, seconds=seconds, rate=rate)
+            expected = c.table_rows(db)
+            deadline = time.monotonic() + 120
+            while running.delivered() < expected:
+                running.check()
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"only {running.delivered()} of {expected} delivered")
+                time.sleep(0.01)
+        time.sleep(0.2)  # the last confirmed messages reach the consumer
+        consumer.stdin.write("stop\n")
+        consumer.stdin.flush()
+        pairs = json.loads(consumer.stdout.readline())
+        consumer.wait(30)
+    finally:
+        if consumer.poll() is None:
+            consumer.kill()
+            consumer.wait()
+    got = latencies_ms([(float(a), str(t)) for a, t in pairs])
+    if len(pairs) < expected:
+        raise RuntimeError(f"the consumer got {len(pairs)} of {expected} messages")
+    return percentile(got, 0.5), percentile(got, 0.99), result.tps, len(pairs)
+
+
+def reference_latency(db: c.BenchDB, rate: int, seconds: int) -> tuple[float, float, float]:
+    """(p50 ms, p99 ms, achieved tps) of commit-to-received by ``pg_recvlogical``."""
+    with db.connect() as conn:
+        conn.execute("SELECT pg_create_logical_replication_slot(%s, 'test_decoding')", (TD_SLOT,))
+    command = [
+        c.pg_tool(db.cluster, "pg_recvlogical"),
+        "--dbname",
+        db.dsn,
+        "--slot",
+        TD_SLOT,
+        "--start",
+        "--no-loop",
+        "--status-interval=1",
+        "-o",
+        "include-timestamp=on",
+        "-o",
+        "skip-empty-xacts=on",
+        "-f",
+        "-",
+    ]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env)
+    latencies: list[tuple[float, float]] = []  # (commit, ms)
+
+    def reader() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            if line.startswith(b"COMMIT"):
+                now = time.time()
+                at = line.rfind(b"(at ")
+                if at >= 0:
+                    commit = datetime.fromisoformat(line[at + 4 :].rstrip(b")\n").decode())
+                    ts = commit.timestamp()
+                    latencies.append((ts, (now - ts) * 1000))
+
+    thread = threading.Thread(target=reader, daemon=True)
+    thread.start()
+    try:
+        time.sleep(0.5)
+        result = c.pgbench(db, c.INSERT_ONE, clients=CLIENTS, seconds=seconds, rate=rate)
+        time.sleep(0.5)
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        thread.join(10)
+    if not latencies:
+        raise RuntimeError("pg_recvlogical received nothing")
+    first = min(t for t, _ in latencies)
+    measured = [ms for t, ms in latencies if t >= first + WARM_UP_S]
+    return percentile(measured, 0.5), percentile(measured, 0.99), result.tps
+
+
+def latency(cluster: EmbeddedCluster, args: argparse.Namespace) -> None:
+    ours: list[tuple[float, float, float, int]] = []
+    theirs: list[tuple[float, float, float]] = []
+    for rep in range(args.repeat):
+        db = c.bench_db(cluster, f"delivery_lat_{rep}")
+        exchange = f"pgherald-bench-{uuid.uuid4().hex[:8]}"
+        broker = Broker(args.amqp_url, exchange, queue=False)  # the consumer has its queue
+        try:
+            add_amqp_sink(db, args.amqp_url, exchange)
+            ours.append(pgherald_latency(db, args.amqp_url, exchange, args.rate, args.seconds))
+            theirs.append(reference_latency(db, args.rate, args.seconds))
+        finally:
+            broker.close()
+            db.drop()
+        (p50, p99, tps, n), (r50, r99, rtps) = ours[-1], theirs[-1]
+        c.say(
+            f"  latency #{rep + 1}: pgherald commit-to-consumer p50 {p50:6.2f} ms p99 {p99:6.2f}"
+            f" ms ({tps:,.0f} tps, {n:,} messages) | pg_recvlogical commit-to-received p50"
+            f" {r50:6.2f} ms p99 {r99:6.2f} ms ({rtps:,.0f} tps)"
+        )
+    p50 = c.median([o[0] for o in ours])
+    p99 = c.median([o[1] for o in ours])
+    r50 = c.median([t[0] for t in theirs])
+    r99 = c.median([t[1] for t in theirs])
+    verdict = "ok" if p50 <= TARGET_P50_MS and p99 <= TARGET_P99_MS else "ABOVE TARGET"
+    c.say(
+        f"latency at {args.rate:,} tx/s (median of {args.repeat}): pgherald p50 {p50:.2f} ms,"
+        f" p99 {p99:.2f} ms; pg_recvlogical p50 {r50:.2f} ms, p99 {r99:.2f} ms;"
+        f" pgherald/pg_recvlogical p50 {p50 / r50:.1f}x, p99 {p99 / r99:.1f}x"
+        f"  [target p50 <= {TARGET_P50_MS:.0f} ms, p99 <= {TARGET_P99_MS:.0f} ms: {verdict}]"
+    )
+
+
+def main() -> None:
+    if len(sys.argv) == 4 and sys.argv[1] == "--consume":
+        consumer_main(sys.argv[2], sys.argv[3])
+        return
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--part", choices=("throughput", "latency", "both"), default="both")
+    parser.add_argument("--rows", type=int, default=100_000)
+    parser.add_argument("--rate", type=int, default=2000)
+    parser.add_argument("--seconds", type=int, default=15)
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--amqp-url", default=DEFAULT_URL)
+    parser.add_argument(
+        "--durable-queue",
+        action="store_true",
+        help="the bench's throughput queue is durable (the broker writes each message to disk"
+        " before it confirms)",
+    )
+    args = parser.parse_args()
+    cluster = c.start_cluster()
+    try:
+        c.say(f"PostgreSQL {cluster.version}; RabbitMQ at {args.amqp_url.split('@')[-1]}")
+        if args.part in ("throughput", "both"):
+            throughput(cluster, args)
+        if args.part in ("latency", "both"):
+            c.say(
+                f"latency: {args.rate:,} one-row transactions/s for {args.seconds}s"
+                f" ({CLIENTS} pgbench clients), first {WARM_UP_S:.0f}s left out"
+            )
+            latency(cluster, args)
+    finally:
+        cluster.stop()
+
+
+if __name__ == "__main__":
+    main()
