@@ -18,6 +18,7 @@ import psycopg
 
 from pgherald.config import Settings
 from pgherald.db.connect import connect
+from pgherald.delivery.digests import DigestJob
 from pgherald.delivery.engine import DeliveryEngine, RetryPolicy
 from pgherald.delivery.router import Router
 from pgherald.errors import ConfigError
@@ -436,7 +437,7 @@ class Capture:
 # -- delivery ---------------------------------------------------------------------------------
 
 SINK_KINDS: Final = (
-    "webhook", "amqp", "nats", "redis", "mqtt", "replica", "stdout", "feed",
+    "webhook", "amqp", "nats", "redis", "mqtt", "replica", "stdout", "feed", "email",
 )  # fmt: skip
 
 
@@ -488,14 +489,26 @@ class Delivery:
         for s in stored:
             sink = (overrides or {}).get(s.name) or build_sink(sink_config(s))
             built[s.name] = (sink, s)
+        from pgherald import mailing
+
+        mailing.use_presentation(settings, [sink for sink, _ in built.values()])
+        built, digest_sinks = mailing.split(built)
         self.router = Router(settings)
         self.engine = DeliveryEngine(settings, built, batch_size=batch_size, policy=policy)
+        self.digests = DigestJob(settings, digest_sinks, policy=policy) if digest_sinks else None
         self.threads = [
             _SourceThread("pgherald-router", lambda: self.router.run(self.stop), self.stop),
             _SourceThread(
                 "pgherald-delivery", lambda: self.engine.run_blocking(self.stop), self.stop
             ),
         ]
+        if self.digests is not None:
+            digests = self.digests
+            self.threads.append(
+                _SourceThread(
+                    "pgherald-digests", lambda: digests.run_blocking(self.stop), self.stop
+                )
+            )
 
     @property
     def errors(self) -> list[BaseException]:
@@ -508,7 +521,10 @@ class Delivery:
 
     def wait_ready(self, timeout: float = 30.0) -> None:
         deadline = time.monotonic() + timeout
-        for event in (self.router.connected, self.engine.connected):
+        ready = [self.router.connected, self.engine.connected]
+        if self.digests is not None:
+            ready.append(self.digests.connected)
+        for event in ready:
             while not event.wait(0.05):
                 if self.errors:
                     raise self.errors[0]

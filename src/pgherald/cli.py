@@ -798,5 +798,17 @@ def _register_web_commands() -> None:
 
 _register_web_commands()
 
+
+def _register_digest_commands() -> None:
+    from pgherald import cli_digests
+
+    for command in cli_digests.LEAVES:
+        connection_options(command)
+    for command in cli_digests.COMMANDS:
+        main.add_command(command)
+
+
+_register_digest_commands()
+
 if __name__ == "__main__":  # pragma: no cover
     main()

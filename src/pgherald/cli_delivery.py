@@ -42,7 +42,9 @@ def sink() -> None:
 @click.argument("name")
 @click.argument(
     "kind",
-    type=click.Choice(["webhook", "amqp", "nats", "redis", "mqtt", "replica", "stdout", "feed"]),
+    type=click.Choice(
+        ["webhook", "amqp", "nats", "redis", "mqtt", "replica", "stdout", "feed", "email"]
+    ),
 )
 @click.option(
     "--format",

@@ -100,7 +100,9 @@ class SinkConfig:
     strictly_ordered: bool = False
 
 
-Kind = Literal["webhook", "amqp", "nats", "redis", "mqtt", "replica", "python", "stdout", "feed"]
+Kind = Literal[
+    "webhook", "amqp", "nats", "redis", "mqtt", "replica", "python", "stdout", "feed", "email"
+]
 
 
 def check_format(value: str) -> Format:
