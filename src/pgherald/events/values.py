@@ -43,6 +43,7 @@ external consumers can use it without a database.
 from __future__ import annotations
 
 import base64
+import functools
 import math
 import re
 from collections.abc import Callable, Mapping
@@ -308,8 +309,13 @@ class TypeRef:
         return self.base in _JSON_TYPES
 
 
+@functools.lru_cache(maxsize=4096)
 def parse_type_name(type_name: str) -> TypeRef:
-    """Normalises ``integer[]``, ``_int4``, ``pg_catalog.int4``, ``numeric(10,2)`` and kin."""
+    """Normalises ``integer[]``, ``_int4``, ``pg_catalog.int4``, ``numeric(10,2)`` and kin.
+
+    Cached: encoding an event asks this of every column's type name, a handful of
+    distinct names asked again and again (about a third of encoding an event's JSON).
+    """
     name = _TYPMOD.sub("", type_name.strip()).strip()
     is_array = False
     while name.endswith("[]"):
