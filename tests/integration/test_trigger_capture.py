@@ -414,3 +414,20 @@ def test_a_clean_stop_disarms_the_wake_up(db: Database) -> None:
             raise AssertionError("the drainer never went idle")
     with db.connect() as conn:
         assert conn.execute(b"SELECT armed FROM pgherald.trigger_wake").fetchone() == (False,)
+
+
+def test_values_are_the_output_functions_text(db: Database) -> None:
+    """The text logical capture stores (pgoutput sends the output function's text): a cast
+    to text would write bool as true, drop char(n)'s padding and add /32 to an inet."""
+    run_sql(db, 'CREATE TABLE o (id int PRIMARY KEY, b bool, c char(5), i inet, n cidr, q "char")')
+
+    def work() -> None:
+        run_sql(db, "INSERT INTO o VALUES (1, true, 'ab', '10.0.0.1', '10.0.0.0/8', 'x')")
+
+    events = captured(db, ["o"], work)
+    assert h.texts(events[0].new) == {
+        "id": "1", "b": "t", "c": "ab   ", "i": "10.0.0.1", "n": "10.0.0.0/8", "q": "x",
+    }  # fmt: skip
+    assert [h.texts(events[0].new)] == list(
+        h.table_contents(db.dsn, "public", "o", ["id"]).values()
+    )

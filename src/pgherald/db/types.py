@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 import psycopg
-from psycopg import DataError, abc
+from psycopg import DataError, abc, sql
 from psycopg.adapt import AdaptersMap, Buffer, Loader, Transformer
 from psycopg.pq import Format
 from psycopg.types import TypeInfo
@@ -431,3 +431,24 @@ def _fetch_types(conn: psycopg.Connection[Any], oids: Iterable[int] | None) -> l
         )
         for r in rows
     ]
+
+
+# Types whose cast to text is not their output function: the cast says ``true`` for ``t``,
+# drops char(n)'s padding, adds ``/32`` to an inet address. SQL that reads values as text
+# for the change log uses the output function, so every source stores the same text as
+# pgoutput sends.
+OUTPUT_FUNCTIONS: Final[dict[int, str]] = {
+    16: "boolout",
+    18: "charout",
+    650: "cidr_out",
+    869: "inet_out",
+    1042: "bpcharout",
+}
+
+
+def output_text(expr: sql.Composable, type_oid: int) -> sql.Composable:
+    """SQL for ``expr``'s text output, as pgoutput would send it (NULL stays NULL)."""
+    function = OUTPUT_FUNCTIONS.get(type_oid)
+    if function is not None:
+        return sql.SQL("{}({})::text").format(sql.Identifier("pg_catalog", function), expr)
+    return sql.SQL("{}::text").format(expr)

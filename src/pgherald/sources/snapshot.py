@@ -33,7 +33,7 @@ import psycopg
 from psycopg import sql
 
 from pgherald.db.sqlfiles import named_query
-from pgherald.db.types import CANONICAL_SESSION_SETTINGS
+from pgherald.db.types import CANONICAL_SESSION_SETTINGS, output_text
 from pgherald.errors import CaptureError
 from pgherald.events import ChangeEvent
 from pgherald.events.model import ColumnSpec, RowImage, RowShape
@@ -69,16 +69,6 @@ _FLOATS: Final = frozenset({700, 701})  # -0 = 0: at zero, the texts decide
 _STRINGS: Final = frozenset({19, 25, 1043})  # name, text, varchar: bytewise (COLLATE "C")
 _TYPED_EQUALITY: Final = _EXACT_EQUALITY | _FLOATS | _STRINGS | {_NUMERIC}
 """Types compared typed; ``=`` can join their keys and a unique index can guard them."""
-
-# Types whose cast to text is not their output function: the cast says ``true`` for ``t``,
-# drops char(n)'s padding, adds ``/32`` to an inet address.
-_OUTPUT_FUNCTIONS: Final = {
-    16: "boolout",
-    18: "charout",
-    650: "cidr_out",
-    869: "inet_out",
-    1042: "bpcharout",
-}
 
 
 class SnapshotError(CaptureError):
@@ -141,10 +131,7 @@ _FLOAT_DIFFER: Final = sql.SQL("({0} IS DISTINCT FROM {1} OR ({0} = 0 AND {0}::t
 
 def _text(a: sql.Composable, type_oid: int) -> sql.Composable:
     """``a``'s text output, as every source stores it (NULL stays NULL)."""
-    function = _OUTPUT_FUNCTIONS.get(type_oid)
-    if function is not None:
-        return sql.SQL("{}({})::text").format(sql.Identifier("pg_catalog", function), a)
-    return sql.SQL("{}::text").format(a)
+    return output_text(a, type_oid)
 
 
 def _typed(type_a: int, type_b: int) -> bool:

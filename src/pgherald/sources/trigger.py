@@ -43,7 +43,7 @@ from psycopg import sql
 
 from pgherald.db.connect import connect
 from pgherald.db.sqlfiles import ident, named_query
-from pgherald.db.types import CANONICAL_SESSION_SETTINGS, TypeRegistry
+from pgherald.db.types import CANONICAL_SESSION_SETTINGS, TypeRegistry, output_text
 from pgherald.errors import CaptureError, ConnectionFailed
 from pgherald.events import ChangeEvent
 from pgherald.events.model import ColumnSpec, RowImage, RowShape
@@ -564,11 +564,15 @@ class TriggerSource:
         return RowShape(tuple(self._columns[watch.name]))
 
     def _read(self, conn: psycopg.Connection[Any], watch: TriggerWatch) -> psycopg.Cursor[Any]:
-        names = [c.name for c in self._columns[watch.name]]
+        specs = self._columns[watch.name]
+        names = [c.name for c in specs]
 
         def values(alias: str) -> sql.Composable:
             return sql.SQL(", ").join(
-                sql.SQL("{}.{}::text").format(sql.Identifier(alias), ident(n)) for n in names
+                output_text(
+                    sql.SQL("{}.{}").format(sql.Identifier(alias), ident(c.name)), c.type_oid
+                )
+                for c in specs
             )
 
         commit_time = (
