@@ -650,8 +650,9 @@ class ChangeLog:
         """Events from rows of ``events`` selected as ``read_events`` does (same columns, same
         order), for queries of other parts that join the log (delivery claims)."""
         ids = {r[8] for r in rows if r[8] is not None} | {r[9] for r in rows if r[9] is not None}
-        with in_schema(self.conn, self.schema):
-            self._load_shapes(ids)
+        if not ids.issubset(self._shapes_by_id):  # no round trip when all are known
+            with in_schema(self.conn, self.schema):
+                self._load_shapes(ids)
         return [StoredEvent(int(r[0]), self._event(r, loader)) for r in rows]
 
     def _image(

@@ -85,8 +85,21 @@ def store_errors(schema: str) -> Iterator[None]:
 
 @contextlib.contextmanager
 def in_schema(conn: psycopg.Connection[Any], schema: str) -> Iterator[None]:
-    """Runs the block with the store's schema as ``search_path``; see ``transaction_for``."""
+    """Runs the block with the store's schema as ``search_path``; see ``transaction_for``.
+
+    In a psycopg pipeline it enters with two single statements, as a pipeline cannot carry
+    the two statements of ``enter_sql`` in one: store functions can then ride in a
+    caller's pipeline (delivery's claims and routing batches), costing no round trip of
+    their own unless they read."""
     statement = enter_sql(schema)
+    if conn.info.pipeline_status != pq.PipelineStatus.OFF:
+        path = sql.Identifier(schema).as_string(conn)
+        with store_errors(schema), transaction_for(conn):
+            conn.execute(query("save_search_path"))
+            conn.execute(query("set_search_path"), {"path": path})
+            yield
+            conn.execute(RESTORE)  # not after an error: the pipeline is aborted then
+        return
     with store_errors(schema), transaction_for(conn):
         conn.execute(statement)
         try:
