@@ -17,6 +17,21 @@ Per sink, one loop:
 A crash between 2 and 3 sends that batch again: delivery is at least once, and the
 idempotency key lets consumers drop the duplicates. Strictly ordered sinks get all their
 deliveries in log order from a single worker (an advisory lock per sink).
+
+**Two lanes.** A sink that is not strictly ordered is served on two connections that take
+turns: while one batch is sent, the other connection records the batch before it and
+claims the next, so the sink does not wait for the database and the database does not
+wait for the sink. Order still holds: a claim never takes a delivery whose row has an
+earlier delivery open, and the batch in flight is open (claimed, not yet recorded) until
+its outcomes commit. A strictly ordered sink keeps one lane: its next batch must not go
+before the outcome of the last one is known.
+
+**Round trips.** A claim is one round trip (its statements in a pipeline; the events'
+row shapes are known after the first batches) plus the pipeline's end, the record one.
+The transaction does not wait for the WAL flush at COMMIT: a crash of the *server* may
+forget the last outcomes recorded, and those deliveries are then sent again, which at
+least once allows; nothing else was built on them, since whatever was committed after
+them is lost with them (the WAL keeps the order).
 """
 
 from __future__ import annotations
@@ -28,7 +43,7 @@ import random
 import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Final
 
 import psycopg
 
@@ -82,6 +97,19 @@ class _Batch:
     events: list[StoredEvent]
 
 
+@dataclass(frozen=True)
+class _Lane:
+    """A connection that claims and records in turn, with the change log reader that
+    remembers the row shapes it has read on it."""
+
+    conn: psycopg.Connection[Any]
+    changelog: ChangeLog
+
+
+_ASYNC_COMMIT: Final = "SET LOCAL synchronous_commit TO off"
+"""The claim's transaction does not wait for the WAL flush at COMMIT (module docstring)."""
+
+
 def _one_line(e: BaseException) -> str:
     text = str(e).strip()
     return text.splitlines()[0] if text else type(e).__name__
@@ -108,7 +136,9 @@ class DeliveryEngine:
         self.source_uri = source_uri
         self.stats = {name: SinkStats() for name in self.sinks}
         self.connected = threading.Event()
-        self._wake: asyncio.Event | None = None
+        self._wakes: dict[str, asyncio.Event] = {}
+        """Set by the router's NOTIFY; each sink's loop clears its own before it claims, so
+        a NOTIFY that comes while it claims is not lost."""
 
     # -- running ---------------------------------------------------------------------------
 
@@ -117,7 +147,7 @@ class DeliveryEngine:
         asyncio.run(self.run(stop))
 
     async def run(self, stop: threading.Event) -> None:
-        self._wake = asyncio.Event()
+        self._wakes = {name: asyncio.Event() for name in self.sinks}
         tasks = [
             asyncio.create_task(self._serve(name, sink, cfg, stop), name=f"deliver-{name}")
             for name, (sink, cfg) in self.sinks.items()
@@ -141,11 +171,11 @@ class DeliveryEngine:
                     log.warning("closing sink %s: %s", sink.name, _one_line(e))
 
     async def _listen(self, stop: threading.Event) -> None:
-        assert self._wake is not None
-        wake = self._wake
+        wakes = list(self._wakes.values())
 
         def woken(_: object = None) -> None:
-            wake.set()
+            for wake in wakes:
+                wake.set()
 
         async with Listener(
             self.settings.dsn, [deliveries_channel(self.settings.schema)], on_reconnect=woken
@@ -154,11 +184,11 @@ class DeliveryEngine:
             while not stop.is_set():  # noqa: ASYNC110 (stop is a threading.Event)
                 await asyncio.sleep(0.2)
 
-    async def _idle(self, stop: threading.Event) -> None:
-        assert self._wake is not None
-        self._wake.clear()
+    async def _idle(self, name: str) -> None:
+        """Waits for the router's NOTIFY (at once if one came since the last claim began),
+        or ``poll`` seconds for retries that fall due."""
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._wake.wait(), self.poll)
+            await asyncio.wait_for(self._wakes[name].wait(), self.poll)
 
     async def _serve(self, name: str, sink: Sink, cfg: StoredSink, stop: threading.Event) -> None:
         delay = 0.5
@@ -185,30 +215,100 @@ class DeliveryEngine:
     async def _deliver_loop(
         self, name: str, sink: Sink, cfg: StoredSink, stop: threading.Event
     ) -> None:
-        conn = await asyncio.to_thread(
-            connect, self.settings, application_name=f"pgherald-deliver-{name}"[:63]
-        )
+        # A sink that is strictly ordered by nature (the replica) is, whatever its
+        # configuration says: per-row claims would let a key move or a truncate
+        # overtake the rows around it, and the copy would diverge.
+        strict = cfg.strictly_ordered or sink.strictly_ordered
+        lanes: list[_Lane] = []
         try:
-            loader = await asyncio.to_thread(TypeRegistry.load, conn)
-            await asyncio.to_thread(conn.commit)
-            # A sink that is strictly ordered by nature (the replica) is, whatever its
-            # configuration says: per-row claims would let a key move or a truncate
-            # overtake the rows around it, and the copy would diverge.
-            strict = cfg.strictly_ordered or sink.strictly_ordered
+            for _ in range(1 if strict else 2):
+                conn = await asyncio.to_thread(
+                    connect, self.settings, application_name=f"pgherald-deliver-{name}"[:63]
+                )
+                lanes.append(_Lane(conn, ChangeLog(conn, self.settings.schema)))
+            first = lanes[0].conn
+            loader = await asyncio.to_thread(TypeRegistry.load, first)
+            await asyncio.to_thread(first.commit)
             if strict:
                 # Another worker delivers to this strictly ordered sink: stand by.
-                while not stop.is_set() and not await asyncio.to_thread(self._lead, conn, name):  # noqa: ASYNC110
+                while not stop.is_set() and not await asyncio.to_thread(self._lead, first, name):  # noqa: ASYNC110
                     await asyncio.sleep(1.0)
-            changelog = ChangeLog(conn, self.settings.schema)
-            while not stop.is_set():
-                batch = await asyncio.to_thread(self._claim, conn, changelog, name, strict, loader)
-                if not batch.ids:
-                    await self._idle(stop)
-                    continue
-                outcomes = await self._send(sink, cfg, batch)
-                await asyncio.to_thread(self._record, conn, name, cfg, batch, outcomes)
+            await self._lanes(name, sink, cfg, strict, loader, lanes, stop)
         finally:
-            await asyncio.to_thread(conn.close)
+            for lane in lanes:
+                await asyncio.to_thread(lane.conn.close)
+
+    async def _lanes(
+        self,
+        name: str,
+        sink: Sink,
+        cfg: StoredSink,
+        strict: bool,
+        loader: TypeRegistry,
+        lanes: list[_Lane],
+        stop: threading.Event,
+    ) -> None:
+        """Claims, sends and records until ``stop``; with two lanes, a lane records its
+        last batch and claims its next one while the other lane's batch is sent."""
+        wake = self._wakes[name]
+
+        async def claim(lane: _Lane, after: asyncio.Task[None] | None = None) -> _Batch:
+            if after is not None:
+                await after  # the lane's last batch is recorded: its connection is free
+            wake.clear()
+            return await asyncio.to_thread(self._claim, lane, name, strict, loader)
+
+        async def record(lane: _Lane, batch: _Batch, outcomes: list[Outcome]) -> None:
+            counts = await asyncio.to_thread(self._record, lane.conn, cfg, batch, outcomes)
+            self._count(name, counts)
+
+        current = 0
+        recording: asyncio.Task[None] | None = None  # the other lane's last batch
+        claiming: asyncio.Task[_Batch] | None = asyncio.create_task(claim(lanes[current]))
+        try:
+            while not stop.is_set():
+                assert claiming is not None
+                batch = await claiming
+                claiming = None
+                if not batch.ids:
+                    await self._idle(name)
+                    claiming = asyncio.create_task(claim(lanes[current], recording))
+                    recording = None
+                    continue
+                sending = asyncio.create_task(self._send(sink, cfg, batch))
+                other = (current + 1) % len(lanes)
+                # Two lanes: the next batch is claimed meanwhile, when there is more to
+                # claim by the look of it (a full batch, or the router said it routed more
+                # since this claim began); else that claim would mostly find nothing, and
+                # at a steady trickle every batch would cost two claims.
+                ahead = other != current and (len(batch.ids) >= self.batch_size or wake.is_set())
+                if ahead:
+                    claiming = asyncio.create_task(claim(lanes[other], recording))
+                    recording = None
+                outcomes = await sending
+                recorded = asyncio.create_task(record(lanes[current], batch, outcomes))
+                if not ahead:  # in turn: record, then claim on the same lane
+                    await recorded
+                    if recording is not None:
+                        await recording
+                        recording = None
+                    claiming = asyncio.create_task(claim(lanes[current]))
+                else:
+                    recording = recorded
+                    current = other
+        finally:
+            # Let what runs on the connections end before they are closed; a claim that is
+            # not sent is rolled back with its connection.
+            pending = [t for t in (claiming, recording) if t is not None]
+            if pending:
+                await asyncio.gather(*pending, return_exceptions=True)
+
+    def _count(self, name: str, counts: tuple[int, int, int]) -> None:
+        stats = self.stats[name]
+        stats.delivered += counts[0]
+        stats.retried += counts[1]
+        stats.dead += counts[2]
+        stats.batches += 1
 
     def _lead(self, conn: psycopg.Connection[Any], name: str) -> bool:
         row = conn.execute(
@@ -218,19 +318,17 @@ class DeliveryEngine:
         conn.commit()
         return bool(row and row[0])
 
-    def _claim(
-        self,
-        conn: psycopg.Connection[Any],
-        changelog: ChangeLog,
-        name: str,
-        strict: bool,
-        loader: TypeRegistry,
-    ) -> _Batch:
-        claimed = deliveries.claim(conn, self.settings.schema, name, self.batch_size, strict)
-        if not claimed:
-            conn.rollback()
-            return _Batch([], [], [])
-        events = changelog.stored_events([c.event_row for c in claimed], loader)
+    def _claim(self, lane: _Lane, name: str, strict: bool, loader: TypeRegistry) -> _Batch:
+        """Claims a batch in a new transaction (one round trip and the pipeline's end)."""
+        conn = lane.conn
+        with conn.pipeline():
+            conn.execute(_ASYNC_COMMIT)
+            claimed = deliveries.claim(conn, self.settings.schema, name, self.batch_size, strict)
+            if not claimed:
+                conn.rollback()
+                return _Batch([], [], [])
+        # Outside the pipeline: reading shapes not seen yet needs a round trip of its own.
+        events = lane.changelog.stored_events([c.event_row for c in claimed], loader)
         return _Batch([c.id for c in claimed], [c.attempts for c in claimed], events)
 
     async def _send(self, sink: Sink, cfg: StoredSink, batch: _Batch) -> list[Outcome]:
@@ -262,26 +360,28 @@ class DeliveryEngine:
     def _record(
         self,
         conn: psycopg.Connection[Any],
-        name: str,
         cfg: StoredSink,
         batch: _Batch,
         outcomes: Sequence[Outcome],
-    ) -> None:
-        stats = self.stats[name]
+    ) -> tuple[int, int, int]:
+        """Records the outcomes and commits (one round trip); returns how many were
+        delivered, will be retried, and are dead."""
         rows: list[tuple[int, Status, float, str | None]] = []
+        delivered = retried = dead = 0
         for delivery_id, attempts, outcome in zip(batch.ids, batch.attempts, outcomes, strict=True):
             tried = attempts + 1
             if outcome is None:
                 rows.append((delivery_id, "delivered", 0.0, None))
-                stats.delivered += 1
+                delivered += 1
             elif isinstance(outcome, PermanentSinkError) or tried >= cfg.max_attempts:
                 rows.append((delivery_id, "dead", 0.0, _one_line(outcome)))
-                stats.dead += 1
+                dead += 1
             else:
                 retry_after = getattr(outcome, "retry_after", None)
                 delay = self.policy.delay(tried, float(retry_after) if retry_after else None)
                 rows.append((delivery_id, "failed", delay, _one_line(outcome)))
-                stats.retried += 1
-        deliveries.record(conn, self.settings.schema, rows)
-        conn.commit()
-        stats.batches += 1
+                retried += 1
+        with conn.pipeline():
+            deliveries.record(conn, self.settings.schema, rows)
+            conn.commit()
+        return delivered, retried, dead
