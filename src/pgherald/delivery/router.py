@@ -14,7 +14,8 @@ import logging
 import threading
 import time
 from collections import defaultdict
-from typing import Any
+from datetime import UTC, datetime
+from typing import Any, Final, cast
 
 import psycopg
 from psycopg import sql
@@ -23,10 +24,12 @@ from pgherald.config import Settings
 from pgherald.db.connect import connect
 from pgherald.db.types import TypeRegistry
 from pgherald.errors import ConfigError, ConnectionFailed
+from pgherald.events import ChangeEvent
+from pgherald.events.model import Operation
 from pgherald.routing.subscriptions import Subscription, order_key
 from pgherald.store import checkpoints, deliveries
 from pgherald.store.changelog import ChangeLog, changes_channel
-from pgherald.store.deliveries import deliveries_channel
+from pgherald.store.deliveries import RoutingRow, deliveries_channel
 
 log = logging.getLogger("pgherald.router")
 
@@ -100,19 +103,19 @@ class Router:
                         if saved is not None
                         else min((f for group in subs.values() for _, f in group), default=0)
                     )
-                batch = changelog.read(after_id=after, limit=self.batch_size, loader=self._loader)
+                batch = self._read(conn, changelog, subs, after)
                 if not batch:
                     conn.rollback()
                     self._position = after
                     return 0
                 rows: list[tuple[int, str, str]] = []
-                for stored in batch:
-                    for sub, from_event in subs.get(stored.event.watch, ()):
-                        if stored.id > from_event and sub.wants(stored.event):
-                            key = "" if sub.strictly_ordered else order_key(stored.event)
-                            rows.append((stored.id, sub.sink, key))
+                for log_id, event in batch:
+                    for sub, from_event in subs.get(event.watch, ()):
+                        if log_id > from_event and sub.wants(event):
+                            key = "" if sub.strictly_ordered else order_key(event)
+                            rows.append((log_id, sub.sink, key))
                 deliveries.insert_deliveries(conn, schema, rows)
-                checkpoints.save_checkpoint(conn, schema, CHECKPOINT, str(batch[-1].id))
+                checkpoints.save_checkpoint(conn, schema, CHECKPOINT, str(batch[-1][0]))
                 if rows:
                     conn.execute(
                         "SELECT pg_notify(%s, %s)", (deliveries_channel(schema), str(len(rows)))
@@ -121,10 +124,26 @@ class Router:
         except BaseException:
             self._position = None  # rolled back: read it again
             raise
-        self._position = batch[-1].id
+        self._position = batch[-1][0]
         self.routed_events += len(batch)
         self.created += len(rows)
         return len(batch)
+
+    def _read(
+        self,
+        conn: psycopg.Connection[Any],
+        changelog: ChangeLog,
+        subs: dict[str, list[tuple[Subscription, int]]],
+        after: int,
+    ) -> list[tuple[int, ChangeEvent]]:
+        """The next events with their log ids: whole when a subscription tests row values
+        (``where``), else without their rows (``routing_events``), which are what costs
+        most to read and decode (about 15 us of the router's ~20 per event)."""
+        if any(sub.where is not None for group in subs.values() for sub, _ in group):
+            read = changelog.read(after_id=after, limit=self.batch_size, loader=self._loader)
+            return [(stored.id, stored.event) for stored in read]
+        light = deliveries.routing_events(conn, self.settings.schema, after, self.batch_size)
+        return [(r.id, _without_rows(r)) for r in light]
 
     def run(self, stop: threading.Event) -> None:
         """Routes until ``stop``; reconnects when the connection is lost."""
@@ -182,3 +201,28 @@ class Router:
                     got = True
                 if got:
                     break
+
+
+_UNKNOWN_TIME: Final = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def _without_rows(row: RoutingRow) -> ChangeEvent:
+    """An event with only what ``Subscription.wants`` (without ``where``) and ``order_key``
+    read: watch, operation, key and changed columns. The rest are placeholders that routing
+    never reads; such an event goes nowhere else."""
+    return ChangeEvent(
+        event_id="",
+        watch=row.watch,
+        op=cast(Operation, row.op),
+        schema="",
+        table="",
+        key=row.key,
+        old=None,
+        new=None,
+        changed=row.changed,
+        xid=None,
+        position="",
+        commit_time=None,
+        captured_at=_UNKNOWN_TIME,
+        method="logical",
+    )

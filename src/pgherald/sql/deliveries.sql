@@ -60,6 +60,16 @@ INSERT INTO deliveries (event_id, sink, order_key)
 SELECT * FROM unnest(%(events)s::bigint[], %(sinks)s::text[], %(keys)s::text[])
 ON CONFLICT (event_id, sink) DO NOTHING
 
+-- name: routing_events
+-- What the router needs of events when no subscription tests row values: the log id, the
+-- watch, the operation, the key and the changed columns (not the rows, which cost most to
+-- read and decode).
+SELECT id, watch, op, row_key, key_columns, changed
+FROM events
+WHERE id > %(after_id)s
+ORDER BY id
+LIMIT %(limit)s
+
 -- name: claim_deliveries
 -- A sink's next due deliveries in log order, locked for this transaction (a worker that
 -- dies lets go of them at once), each only if no earlier delivery of its row is still

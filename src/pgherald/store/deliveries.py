@@ -8,6 +8,7 @@ so a failure is visible in the store rather than only in a log.
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -196,6 +197,36 @@ def insert_deliveries(
     events, sinks, keys = (list(c) for c in zip(*rows, strict=True))
     with in_schema(conn, schema):
         conn.execute(_q("insert_deliveries"), {"events": events, "sinks": sinks, "keys": keys})
+
+
+@dataclass(frozen=True, slots=True)
+class RoutingRow:
+    """An event as the router sees it when no subscription tests row values."""
+
+    id: int
+    watch: str
+    op: str
+    key: dict[str, Any]
+    """Key column -> the key's text, as ``ChangeLog`` gives an event's key."""
+    changed: tuple[str, ...]
+
+
+def routing_events(
+    conn: psycopg.Connection[Any], schema: str, after_id: int, limit: int
+) -> list[RoutingRow]:
+    """Events after log id ``after_id`` in log order, without their rows."""
+    with in_schema(conn, schema):
+        rows = conn.execute(_q("routing_events"), {"after_id": after_id, "limit": limit})
+        return [
+            RoutingRow(
+                int(r[0]),
+                r[1],
+                r[2],
+                dict(zip(r[4], json.loads(r[3]), strict=True)) if r[3] is not None else {},
+                tuple(r[5] or ()),
+            )
+            for r in rows.fetchall()
+        ]
 
 
 @dataclass(frozen=True)
