@@ -76,6 +76,7 @@ SINK = "rabbit"
 DEFAULT_URL = "amqp://guest:guest@127.0.0.1:5672/"
 TD_SLOT = "bench_reference_td"
 FRAME_HEADER = struct.Struct(">BHI")  # type, channel, size
+PGHERALD = Path(sys.executable).with_name("pgherald")
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -155,41 +156,94 @@ def add_amqp_sink(db: c.BenchDB, url: str, exchange: str) -> None:
 
 class Pipeline:
     """pgherald capturing, routing and delivering in this process, as ``pgherald run``
-    does; each stage's progress is readable without a query."""
+    does; each stage's progress is readable without a query.
 
-    def __init__(self, db: c.BenchDB) -> None:
+    ``split``: routing and delivery in a process of their own (``pgherald deliver``, as
+    the docs suggest for workers apart from capture), so that they do not share capture's
+    interpreter lock; their progress is then read from the store.
+    """
+
+    def __init__(self, db: c.BenchDB, split: bool = False) -> None:
+        self.db = db
         self.capture = c.Capturing(db)
-        self.delivery = app.Delivery(db.settings, stop=self.capture.stop)
+        self.delivery: app.Delivery | None = None
+        self.worker: subprocess.Popen[bytes] | None = None
+        self.conn: Any = None
+        if not split:
+            self.delivery = app.Delivery(db.settings, stop=self.capture.stop)
 
     def start(self) -> Pipeline:
         self.capture.start()
-        self.delivery.start()
+        if self.delivery is not None:
+            self.delivery.start()
+        else:
+            command = [str(PGHERALD), "deliver", "--dsn", self.db.dsn, "--log-level", "warning"]
+            self.worker = subprocess.Popen(command, env=c._client_env())
+            self.conn = self.db.connect()
         return self
+
+    def wait_ready(self) -> None:
+        if self.delivery is not None:
+            self.delivery.wait_ready()
+            return
+        deadline = time.monotonic() + 30
+        wanted = {"pgherald-router", f"pgherald-deliver-{SINK}"}
+        while not wanted <= {
+            str(r[0])
+            for r in self.conn.execute("SELECT application_name FROM pg_stat_activity").fetchall()
+        }:
+            self.check()
+            if time.monotonic() > deadline:
+                raise TimeoutError("pgherald deliver did not start")
+            time.sleep(0.05)
 
     def check(self) -> None:
         self.capture.stored()  # raises if capture failed
-        if self.delivery.errors:
+        if self.delivery is not None and self.delivery.errors:
             raise RuntimeError(f"delivery failed: {self.delivery.errors[0]!r}")
+        if self.worker is not None and self.worker.poll() is not None:
+            raise RuntimeError(f"pgherald deliver ended with {self.worker.returncode}")
+
+    @property
+    def poll(self) -> float:
+        """Seconds between looks at the progress (a query each when split)."""
+        return 0.005 if self.delivery is not None else 0.02
 
     def stored(self) -> int:
         return self.capture.stored()
 
     def routed(self) -> int:
-        return self.delivery.router.routed_events
+        if self.delivery is not None:
+            return self.delivery.router.routed_events
+        row = self.conn.execute(
+            "SELECT position::bigint FROM pgherald.checkpoints WHERE source = 'router'"
+        ).fetchone()
+        return int(row[0]) if row else 0  # log ids of a fresh database count from 1
 
     def delivered(self) -> int:
-        return self.delivery.engine.stats[SINK].delivered
+        if self.delivery is not None:
+            return self.delivery.engine.stats[SINK].delivered
+        row = self.conn.execute(
+            "SELECT count(*) FROM pgherald.deliveries WHERE status = 'delivered'"
+        ).fetchone()
+        return int(row[0])
 
     def close(self) -> None:
         try:
-            self.delivery.close(timeout=30)
+            if self.delivery is not None:
+                self.delivery.close(timeout=30)
+            if self.worker is not None:
+                self.worker.terminate()
+                self.worker.wait(60)
+            if self.conn is not None:
+                self.conn.close()
         finally:
             self.capture.close()
 
 
 @contextlib.contextmanager
-def pipeline(db: c.BenchDB) -> Iterator[Pipeline]:
-    running = Pipeline(db).start()
+def pipeline(db: c.BenchDB, split: bool = False) -> Iterator[Pipeline]:
+    running = Pipeline(db, split).start()
     try:
         yield running
     finally:
@@ -204,13 +258,13 @@ class Drained:
     in_queue: int
 
 
-def drain_pgherald(db: c.BenchDB, broker: Broker, rows: int) -> Drained:
+def drain_pgherald(db: c.BenchDB, broker: Broker, rows: int, split: bool = False) -> Drained:
     """Seconds from starting pgherald until ``rows`` messages are in the bench's queue and
     recorded as delivered; also when capture had stored them and the router routed them."""
     started = time.perf_counter()
     stored_at = routed_at = 0.0
     deadline = time.monotonic() + 900
-    with pipeline(db) as running:
+    with pipeline(db, split) as running:
         while True:
             running.check()
             now = time.perf_counter()
@@ -226,7 +280,7 @@ def drain_pgherald(db: c.BenchDB, broker: Broker, rows: int) -> Drained:
                     f"stored {running.stored()}, routed {running.routed()},"
                     f" delivered {running.delivered()}, queue {broker.depth()} of {rows}"
                 )
-            time.sleep(0.005)
+            time.sleep(running.poll)
     return Drained(done - started, stored_at - started, routed_at - started, broker.depth())
 
 
@@ -245,9 +299,9 @@ def throughput(cluster: EmbeddedCluster, args: argparse.Namespace) -> tuple[floa
             end = db.wal_lsn()
             if rep % 2 == 0:
                 t_ref = c.drain_pg_recvlogical(db, end)
-                drained = drain_pgherald(db, broker, rows)
+                drained = drain_pgherald(db, broker, rows, args.split)
             else:
-                drained = drain_pgherald(db, broker, rows)
+                drained = drain_pgherald(db, broker, rows, args.split)
                 t_ref = c.drain_pg_recvlogical(db, end)
             with db.connect() as conn:
                 found = conn.execute(
@@ -391,7 +445,7 @@ def latencies_ms(pairs: list[tuple[float, str]]) -> list[float]:
 
 
 def pgherald_latency(
-    db: c.BenchDB, url: str, exchange: str, rate: int, seconds: int
+    db: c.BenchDB, url: str, exchange: str, rate: int, seconds: int, split: bool = False
 ) -> tuple[float, float, float, int]:
     """(p50 ms, p99 ms, achieved tps, messages) of commit-to-consumer."""
     consumer = subprocess.Popen(
@@ -404,13 +458,13 @@ def pgherald_latency(
         assert consumer.stdout is not None and consumer.stdin is not None
         if consumer.stdout.readline().strip() != "ready":
             raise RuntimeError("the consumer did not start")
-        with pipeline(db) as running:
+        with pipeline(db, split) as running:
             deadline = time.monotonic() + 30
             while not running.capture.source.connected.wait(0.05):
                 running.check()
                 if time.monotonic() > deadline:
                     raise TimeoutError("capture did not start")
-            running.delivery.wait_ready()
+            running.wait_ready()
             result = c.pgbench(db, c.INSERT_ONE, clients=CLIENTS, seconds=seconds, rate=rate)
             expected = c.table_rows(db)
             deadline = time.monotonic() + 120
@@ -418,7 +472,7 @@ def pgherald_latency(
                 running.check()
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"only {running.delivered()} of {expected} delivered")
-                time.sleep(0.01)
+                time.sleep(running.poll)
         time.sleep(0.2)  # the last confirmed messages reach the consumer
         consumer.stdin.write("stop\n")
         consumer.stdin.flush()
@@ -499,7 +553,9 @@ def latency(cluster: EmbeddedCluster, args: argparse.Namespace) -> None:
         broker = Broker(args.amqp_url, exchange, queue=False)  # the consumer has its queue
         try:
             add_amqp_sink(db, args.amqp_url, exchange)
-            ours.append(pgherald_latency(db, args.amqp_url, exchange, args.rate, args.seconds))
+            ours.append(
+                pgherald_latency(db, args.amqp_url, exchange, args.rate, args.seconds, args.split)
+            )
             theirs.append(reference_latency(db, args.rate, args.seconds))
         finally:
             broker.close()
@@ -535,6 +591,12 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--amqp-url", default=DEFAULT_URL)
     parser.add_argument(
+        "--split",
+        action="store_true",
+        help="routing and delivery in a process of their own (pgherald deliver), capture in"
+        " this one",
+    )
+    parser.add_argument(
         "--durable-queue",
         action="store_true",
         help="the bench's throughput queue is durable (the broker writes each message to disk"
@@ -543,7 +605,12 @@ def main() -> None:
     args = parser.parse_args()
     cluster = c.start_cluster()
     try:
-        c.say(f"PostgreSQL {cluster.version}; RabbitMQ at {args.amqp_url.split('@')[-1]}")
+        where = (
+            "capture here, routing and delivery in `pgherald deliver`"
+            if args.split
+            else "capture, routing and delivery in this process, as `pgherald run`"
+        )
+        c.say(f"PostgreSQL {cluster.version}; RabbitMQ at {args.amqp_url.split('@')[-1]}; {where}")
         if args.part in ("throughput", "both"):
             throughput(cluster, args)
         if args.part in ("latency", "both"):
