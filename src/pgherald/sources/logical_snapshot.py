@@ -29,20 +29,12 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
+from pgherald.db.sqlfiles import ident
 from pgherald.events import RowImage
 from pgherald.events.model import ColumnSpec, RowShape
 
 WATERMARK_PREFIX = "pgherald.snapshot"
 DONE = "done"
-
-
-def _ident(*names: str) -> sql.Identifier:
-    """An identifier for a query that also has parameters.
-
-    psycopg reads ``%`` in the composed text as the start of a placeholder, even inside a
-    quoted name; doubling it makes a name such as ``"100% done"`` come out intact.
-    """
-    return sql.Identifier(*(n.replace("%", "%%") for n in names))
 
 
 def progress_name(watch: str) -> str:
@@ -117,16 +109,16 @@ class TableSnapshot:
         # (the text), ordering 1, 10, 100, 2 ... instead of by the key's own type.
         select = sql.SQL("SELECT {cols} FROM {table} AS t{where} ORDER BY {key} LIMIT %s").format(
             cols=sql.SQL(", ").join(
-                sql.SQL("{}::text").format(_ident("t", n)) for n in self.shape.names
+                sql.SQL("{}::text").format(ident("t", n)) for n in self.shape.names
             ),
-            table=_ident(self.schema, self.table),
+            table=ident(self.schema, self.table),
             where=sql.SQL(" WHERE ({}) > ({})").format(
-                sql.SQL(", ").join(_ident("t", k) for k in self.key_columns),
+                sql.SQL(", ").join(ident("t", k) for k in self.key_columns),
                 sql.SQL(", ").join(sql.Placeholder() * len(self.key_columns)),
             )
             if self.last_key is not None
             else sql.SQL(""),
-            key=sql.SQL(", ").join(_ident("t", k) for k in self.key_columns),
+            key=sql.SQL(", ").join(ident("t", k) for k in self.key_columns),
         )
         params: list[Any] = [*(self.last_key or ()), chunk_size]
         self.rows = [tuple(r) for r in conn.execute(select, params).fetchall()]
