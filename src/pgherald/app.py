@@ -24,6 +24,8 @@ from pgherald.delivery.router import Router
 from pgherald.errors import ConfigError
 from pgherald.events import ChangeEvent
 from pgherald.events.model import RowShape
+from pgherald.ops import metrics, status
+from pgherald.ops.readiness import capture_probe, delivery_probe
 from pgherald.sinks.base import Sink, SinkConfig, check_format
 from pgherald.snapshots import Scheduler
 from pgherald.sources.listen_capture import ListenSource, ListenWatch
@@ -57,7 +59,7 @@ class ChangeLogSink:
         self.source = source
         self._conn: psycopg.Connection[Any] | None = None
         self._log: ChangeLog | None = None
-        self._per_watch: Counter[str] = Counter()
+        self._per_watch: Counter[tuple[str, str]] = Counter()  # (watch, method)
         self._held: list[ChangeEvent] = []
         self.stored_events = 0
         self._connection()  # fail fast on a wrong DSN
@@ -81,7 +83,8 @@ class ChangeLogSink:
         if self._held:
             self._log.append(self._held, notify=False)  # commit() notifies for all
         self._held = list(events)
-        self._per_watch.update(e.watch for e in events)
+        self._per_watch.update((e.watch, e.method) for e in events)
+        status.note_progress(self.source)
 
     def commit(self, position: str, extra: Mapping[str, str] | None = None) -> None:
         """Stores what is held back, notes the watches' activity, saves the checkpoints and
@@ -100,7 +103,7 @@ class ChangeLogSink:
                 query("record_watch_activity"),
                 {"name": name, "changes": count, "ok": True, "error": None},
             )
-            for name, count in self._per_watch.items()
+            for name, count in _by_watch(self._per_watch).items()
         ]
         statements += [
             (query("save_checkpoint"), {"source": source, "position": value})
@@ -108,6 +111,8 @@ class ChangeLogSink:
         ]
         held, self._held = self._held, []
         self._log.append(held, then=statements, commit=True)
+        metrics.captured(self._per_watch)
+        status.note_progress(self.source)
         self.stored_events += sum(self._per_watch.values())
         self._per_watch.clear()
 
@@ -152,6 +157,14 @@ class ChangeLogSink:
     def close(self) -> None:
         if self._conn is not None:
             self._conn.close()
+
+
+def _by_watch(counts: Mapping[tuple[str, str], int]) -> dict[str, int]:
+    """Counts per ``(watch, method)`` summed per watch."""
+    out: dict[str, int] = {}
+    for (name, _), n in counts.items():
+        out[name] = out.get(name, 0) + n
+    return out
 
 
 def logical_source_name(settings: Settings) -> str:
@@ -411,6 +424,7 @@ class Capture:
         return " and ".join(parts)
 
     def start(self) -> Capture:
+        status.register(self, "capture", capture_probe(self))
         for t in self.threads:
             t.start()
         return self
@@ -427,6 +441,7 @@ class Capture:
                 raise TimeoutError("capture did not start in time")
 
     def close(self, timeout: float = 10.0) -> None:
+        status.unregister(self)
         self.stop.set()
         for t in self.threads:
             t.join(timeout)
@@ -515,6 +530,7 @@ class Delivery:
         return [t.error for t in self.threads if t.error is not None]
 
     def start(self) -> Delivery:
+        status.register(self, "delivery", delivery_probe(self))
         for t in self.threads:
             t.start()
         return self
@@ -532,6 +548,7 @@ class Delivery:
                     raise TimeoutError("delivery did not start in time")
 
     def close(self, timeout: float = 30.0) -> None:
+        status.unregister(self)
         self.stop.set()
         for t in self.threads:
             t.join(timeout)

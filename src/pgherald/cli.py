@@ -810,5 +810,17 @@ def _register_digest_commands() -> None:
 
 _register_digest_commands()
 
+
+def _register_check_commands() -> None:
+    from pgherald import cli_check
+
+    for command in cli_check.LEAVES:
+        connection_options(command)
+    for command in cli_check.COMMANDS:
+        main.add_command(command)
+
+
+_register_check_commands()
+
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -25,6 +26,7 @@ from pgherald.db.connect import connect
 from pgherald.db.types import TypeRegistry
 from pgherald.errors import ConnectionFailed, PgHeraldError, WatchError
 from pgherald.events import ChangeEvent
+from pgherald.ops import metrics
 from pgherald.schedule import Schedule
 from pgherald.sources.snapshot import SnapshotComparer, SnapshotWatch
 from pgherald.store import errors, runs
@@ -115,9 +117,13 @@ def run_watch(settings: Settings, name: str) -> RunResult:
         conn.commit()
         if not locked or not locked[0]:
             return RunResult(name, "skipped", error="a run of this watch is in progress")
+        started, status = time.monotonic(), "error"
         try:
-            return _locked_run(conn, settings, watch)
+            result = _locked_run(conn, settings, watch)
+            status = result.status
+            return result
         finally:
+            metrics.snapshot_run(name, status, time.monotonic() - started)
             if not conn.closed:
                 conn.rollback()
                 conn.execute(_UNLOCK, (settings.schema, name))
@@ -161,6 +167,7 @@ def _locked_run(conn: psycopg.Connection[Any], settings: Settings, watch: Watch)
         )
         registry.record_watch_activity(conn, schema, watch.name, outcome.events, True, None)
         conn.commit()
+        metrics.captured({(watch.name, "snapshot"): outcome.events})
     except (psycopg.Error, PgHeraldError) as e:
         message = _one_line(e)
         if conn.closed:

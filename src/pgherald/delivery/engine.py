@@ -43,6 +43,7 @@ import random
 import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any, Final
 
 import psycopg
@@ -58,6 +59,7 @@ from pgherald.errors import (
     SinkError,
 )
 from pgherald.events.formats import FormatError
+from pgherald.ops import metrics
 from pgherald.sinks.base import Message, Outcome, Sink, check_format, make_message
 from pgherald.sources.listen import Listener
 from pgherald.store import deliveries
@@ -113,6 +115,16 @@ _ASYNC_COMMIT: Final = "SET LOCAL synchronous_commit TO off"
 def _one_line(e: BaseException) -> str:
     text = str(e).strip()
     return text.splitlines()[0] if text else type(e).__name__
+
+
+def _latencies(batch: _Batch, outcomes: Sequence[Outcome], sent: datetime) -> list[float]:
+    """Seconds from each delivered event's commit (its capture, where the source knows no
+    commit time) to ``sent``, for the latency histogram."""
+    return [
+        (sent - (stored.event.commit_time or stored.event.captured_at)).total_seconds()
+        for stored, outcome in zip(batch.events, outcomes, strict=True)
+        if outcome is None
+    ]
 
 
 class DeliveryEngine:
@@ -259,8 +271,10 @@ class DeliveryEngine:
             return await asyncio.to_thread(self._claim, lane, name, strict, loader)
 
         async def record(lane: _Lane, batch: _Batch, outcomes: list[Outcome]) -> None:
+            sent = datetime.now(UTC)
             counts = await asyncio.to_thread(self._record, lane.conn, cfg, batch, outcomes)
             self._count(name, counts)
+            metrics.delivery_outcomes(name, *counts, _latencies(batch, outcomes, sent))
 
         current = 0
         recording: asyncio.Task[None] | None = None  # the other lane's last batch

@@ -1,0 +1,122 @@
+"""``/healthz``, ``/readyz`` and ``/metrics`` over HTTP, without login.
+
+The web console mounts ``routes(settings)`` beside its pages; ``pgherald run --http
+HOST:PORT`` (and ``pgherald deliver --http``) serves them alone with ``OpsServer``, for a
+daemon that runs without the console. They show no data of the change log: figures and
+states only, which is why they need no login (bind them to an address only your monitoring
+reaches, like any metrics endpoint).
+
+- ``/healthz``: 200 whenever the process serves at all (liveness).
+- ``/readyz``: 200 when ready, else 503, with a JSON body that says why
+  (``ops.readiness``).
+- ``/metrics``: Prometheus' text format (``ops.metrics`` and ``ops.collector``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+from collections.abc import Iterator
+
+import uvicorn
+from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.routing import BaseRoute, Route
+
+from pgherald.config import Settings
+from pgherald.ops import readiness
+from pgherald.ops.collector import exposition
+
+log = logging.getLogger("pgherald.http")
+_NO_STORE = {"Cache-Control": "no-store"}
+
+
+def routes(settings: Settings) -> list[BaseRoute]:
+    """The three endpoints, for the store of ``settings``."""
+
+    async def healthz(request: Request) -> Response:
+        return PlainTextResponse("ok\n", headers=_NO_STORE)
+
+    async def readyz(request: Request) -> Response:
+        found = await asyncio.to_thread(readiness.check, settings)
+        return JSONResponse(
+            found.to_dict(), status_code=200 if found.ready else 503, headers=_NO_STORE
+        )
+
+    async def metrics(request: Request) -> Response:
+        body = await asyncio.to_thread(exposition, settings)
+        return Response(body, media_type=CONTENT_TYPE_LATEST, headers=_NO_STORE)
+
+    return [
+        Route("/healthz", healthz, methods=["GET", "HEAD"]),
+        Route("/readyz", readyz, methods=["GET", "HEAD"]),
+        Route("/metrics", metrics, methods=["GET"]),
+    ]
+
+
+def create_app(settings: Settings) -> Starlette:
+    return Starlette(routes=routes(settings))
+
+
+class OpsServer:
+    """The endpoints served by uvicorn in a thread of their own (no signal handlers: the
+    caller owns signals). ``port`` 0 picks a free port, known once ``start`` returned."""
+
+    def __init__(self, settings: Settings, host: str, port: int) -> None:
+        config = uvicorn.Config(
+            create_app(settings),
+            host=host,
+            port=port,
+            log_level="warning",
+            access_log=False,
+            timeout_graceful_shutdown=2,
+            lifespan="off",
+        )
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, name="pgherald-http", daemon=True)
+        self.host = host
+        self.port = port
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}/"
+
+    def start(self, timeout: float = 30.0) -> OpsServer:
+        self.thread.start()
+        while not self.server.started:
+            if not self.thread.is_alive():
+                raise OSError(f"cannot serve health and metrics on {self.host}:{self.port}")
+            self.thread.join(0.02)
+            timeout -= 0.02
+            if timeout <= 0:
+                raise TimeoutError("the health and metrics server did not start in time")
+        sockets = [s for server in self.server.servers for s in server.sockets]
+        if sockets and self.port == 0:
+            self.port = int(sockets[0].getsockname()[1])
+        return self
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout)
+
+
+@contextlib.contextmanager
+def serving(settings: Settings, address: tuple[str, int] | None) -> Iterator[OpsServer | None]:
+    """Serves the endpoints on ``address`` for the duration of the block (nothing if None)."""
+    if address is None:
+        yield None
+        return
+    server = OpsServer(settings, *address).start()
+    log.info("health and metrics on %shealthz, /readyz and /metrics", server.url)
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+__all__ = ["OpsServer", "create_app", "routes", "serving"]
