@@ -103,6 +103,10 @@ class Settings:
     """A folder of Jinja2 templates that override pgherald's own (also per watch)."""
     public_url: str = ""
     """The web console's address as people reach it (feeds need absolute links)."""
+    smtp: Mapping[str, Any] = field(default_factory=dict, repr=False)
+    """The mail server (``[smtp]``: host, port, starttls, username, password, from...) of
+    the e-mail subscriptions people make for themselves in the web console; checked by the
+    e-mail sink when used. Never in ``repr``: it may hold a password."""
     watches: tuple[WatchSpec, ...] = ()
     sinks: tuple[SinkSpec, ...] = ()
     subscriptions: tuple[SubscriptionSpec, ...] = ()
@@ -364,10 +368,14 @@ def read_toml(path: Path) -> dict[str, Any]:
             values[f"{key}s"] = tuple(
                 parse(v, f"{path}: [[{key}]] #{i + 1}") for i, v in enumerate(value)
             )
+        elif key == "smtp":
+            if not isinstance(value, dict):
+                raise ConfigError(f"{path}: 'smtp' must be a table ([smtp])")
+            values["smtp"] = dict(value)
         elif key in _SCALAR_FIELDS:
             values[key] = _coerce(key, value, f"{path}: {key}")
         else:
-            known = ", ".join([*_SCALAR_FIELDS, "watch", "sink", "subscription"])
+            known = ", ".join([*_SCALAR_FIELDS, "watch", "sink", "subscription", "smtp"])
             raise ConfigError(f"{path}: unknown key {key!r}; known keys: {known}")
     return values
 

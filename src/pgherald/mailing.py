@@ -26,7 +26,8 @@ from pgherald.store.deliveries import StoredSink
 
 def use_presentation(settings: Settings, sinks: Sequence[object]) -> None:
     """Gives every sink that renders for people (``use_settings``) the store's locale, time
-    zone, templates folder, watch displays and, with a public URL, links to the console."""
+    zone, templates folder, watch displays and, with a public URL, links to the console;
+    and e-mail sinks with ``smtp = "settings"`` the settings' mail server."""
     wanting = [s for s in sinks if callable(getattr(s, "use_settings", None))]
     if not wanting:
         return
@@ -34,12 +35,16 @@ def use_presentation(settings: Settings, sinks: Sequence[object]) -> None:
     with connect(settings, autocommit=True) as conn:
         known = displays(conn, settings.schema)
     for sink in wanting:
+        # Sinks that mail through the settings' server ([smtp]: the console's self-service
+        # e-mail) get it here, so its password is kept in the configuration, not the store.
+        shared = {"smtp": settings.smtp} if getattr(sink, "shared_smtp", False) else {}
         sink.use_settings(  # type: ignore[attr-defined]
             locale=presentation.locale,
             timezone=presentation.timezone,
             templates_dir=str(presentation.templates_dir) if presentation.templates_dir else None,
             displays=known,
             links=WebLinks(presentation.public_url) if presentation.public_url else None,
+            **shared,
         )
 
 

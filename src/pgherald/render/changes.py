@@ -106,6 +106,10 @@ class ChangeViews:
         self.display = display
         self.links = links
 
+    def value(self, image: RowImage | None, column: str) -> Shown:
+        """One column of a row image as shown (unknown when the image lacks it)."""
+        return self._value(image, column)
+
     def _value(self, image: RowImage | None, column: str) -> Shown:
         if image is None or column not in image.shape:
             return unknown()

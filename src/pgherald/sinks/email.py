@@ -135,8 +135,8 @@ class EmailSink:
     def __init__(
         self,
         name: str,
-        smtp: SmtpSettings,
-        sender: str,
+        smtp: SmtpSettings | None,
+        sender: str | None,
         recipients: Sequence[str],
         *,
         subject: str | None = None,
@@ -147,7 +147,8 @@ class EmailSink:
     ) -> None:
         self.name = name
         self.smtp = smtp
-        self.sender = sender
+        """None: the mail server of the settings (``[smtp]``), given by ``use_settings``."""
+        self.shared_smtp = smtp is None
         self.recipients = list(recipients)
         self.digest = digest
         self.strictly_ordered = strictly_ordered
@@ -163,12 +164,21 @@ class EmailSink:
             DIGEST_FIELDS if digest else CHANGE_FIELDS,
             where,
         )
-        self._envelope_from = parseaddr(sender)[1]
         self._envelope_to = [parseaddr(r)[1] for r in self.recipients]
+        self._own_sender = sender
+        self._set_sender(sender)
+
+    def _set_sender(self, sender: str | None) -> None:
+        self.sender = sender or ""
+        self._envelope_from = parseaddr(self.sender)[1]
         self._domain = self._envelope_from.rpartition("@")[2] or "pgherald.invalid"
 
     def __repr__(self) -> str:
         return f"EmailSink({self.name!r}, {self.smtp!r})"
+
+    @property
+    def _target(self) -> str:
+        return self.smtp.target if self.smtp is not None else "(no mail server)"
 
     def use_settings(
         self,
@@ -178,11 +188,18 @@ class EmailSink:
         templates_dir: str | None = None,
         displays: Mapping[str, Display] | Callable[[str], Display] | None = None,
         links: Links | None = None,
+        smtp: Mapping[str, Any] | None = None,
     ) -> None:
         """The store's settings for what the sink's options leave open: the locale and time
         zone of the mails (and where hours and days begin), the templates folder, the
-        watches' display names and row labels, and links to the web console (only when its
-        public URL is known: a mail needs absolute links). The composition root calls this."""
+        watches' display names and row labels, links to the web console (only when its
+        public URL is known: a mail needs absolute links) and, for a sink with
+        ``smtp = "settings"``, the mail server (the settings' ``[smtp]`` table; a malformed
+        one is a ConfigError). The composition root calls this."""
+        if self.shared_smtp and smtp:
+            server, sender = shared_server(smtp)
+            self.smtp = server
+            self._set_sender(self._own_sender or sender)
         self._zone_name = self._timezone or timezone
         self.renderer = Renderer(
             locale=self._locale or locale,
@@ -289,6 +306,7 @@ class EmailSink:
 
     def _client(self) -> aiosmtplib.SMTP:
         s = self.smtp
+        assert s is not None
         return aiosmtplib.SMTP(
             hostname=s.host,
             port=s.port,
@@ -304,13 +322,19 @@ class EmailSink:
 
     async def _send_all(self, mails: Sequence[EmailMessage]) -> list[Outcome]:
         """Each mail over one connection; the outcomes in order."""
+        if self.smtp is None:
+            missing = PermanentSinkError(
+                f"sink {self.name!r} mails through the mail server of the settings, and this"
+                " pgherald has none: add an [smtp] table to its configuration file"
+            )
+            return [missing] * len(mails)
         outcomes: list[Outcome] = []
         client = self._client()
         try:
             try:
                 await client.connect()
             except Exception as e:  # connecting, TLS or logging in: the same for every mail
-                return [classify(e, self.smtp.target)] * len(mails)
+                return [classify(e, self._target)] * len(mails)
             for mail in mails:
                 if outcomes and isinstance(outcomes[-1], _ServerWide):
                     outcomes.append(_not_sent(outcomes[-1]))
@@ -326,12 +350,12 @@ class EmailSink:
                 mail, sender=self._envelope_from, recipients=self._envelope_to
             )
         except Exception as e:
-            return classify(e, self.smtp.target)
+            return classify(e, self._target)
         if refused:
             log.warning(
                 "sink %s: %s accepted %s but refused %s",
                 self.name,
-                self.smtp.target,
+                self._target,
                 mail["Message-ID"],
                 "; ".join(f"{a} ({r.code} {_one_line(r.message)})" for a, r in refused.items()),
             )
@@ -445,13 +469,15 @@ def check_address(value: str, fail: Any) -> str:
     return addr
 
 
-def from_config(config: SinkConfig) -> EmailSink:
-    options = _EmailOptions(config.name, config.kind, config.options)
-    where = f"sink {config.name!r} (email)"
+SMTP_KEYS: Final = frozenset(
+    {"host", "port", "ssl", "starttls", "username", "password", "timeout", "verify",
+     "ca_file", "helo"}
+)  # fmt: skip
+"""The options that say which mail server to use and how (also the keys of ``[smtp]``)."""
 
-    def fail(message: str) -> ConfigError:
-        return ConfigError(f"{where}: {message}")
 
+def _server(options: _EmailOptions, fail: Callable[[str], ConfigError]) -> SmtpSettings:
+    """The mail server of ``options`` (``host``, ``port``, TLS, login...), checked."""
     host = options.text("host", required=True)
     assert host is not None
     use_ssl = options.boolean("ssl", False)
@@ -463,8 +489,70 @@ def from_config(config: SinkConfig) -> EmailSink:
     verify = options.boolean("verify", True)
     ca_file = options.text("ca_file")
     helo = options.text("helo")
+    if port > 65535:
+        raise fail("option 'port' must be at most 65535")
+    if use_ssl and starttls:
+        raise fail("options 'ssl' (TLS from the start) and 'starttls' exclude each other")
+    if (username is None) != (password is None):
+        raise fail("options 'username' and 'password' go together")
+    if username is not None and not (use_ssl or starttls):
+        raise fail("a password would travel in clear text: set starttls = true or ssl = true")
+    if ca_file is not None and not (use_ssl or starttls):
+        raise fail("option 'ca_file' needs starttls = true or ssl = true")
+    return SmtpSettings(
+        host=host,
+        port=port,
+        starttls=starttls,
+        ssl=use_ssl,
+        username=username,
+        password=password,
+        timeout=timeout,
+        verify=verify,
+        ca_file=ca_file,
+        helo=helo,
+    )
+
+
+class _SmtpTable(_EmailOptions):
+    """The settings' ``[smtp]`` table, read like a sink's options, its errors saying where."""
+
+    def _fail(self, message: str) -> ConfigError:
+        return ConfigError(f"[smtp] in the configuration: {message.replace('option', 'key')}")
+
+
+def shared_server(table: Mapping[str, Any]) -> tuple[SmtpSettings, str]:
+    """The mail server of the settings' ``[smtp]`` table and its sender (``from``), for the
+    e-mail sinks with ``smtp = "settings"`` (those the web console makes for its users)."""
+    options = _SmtpTable("[smtp]", "email", table)
+    server = _server(options, options._fail)
     sender = options.text("from", required=True)
     assert sender is not None
+    options.check_unknown()
+    check_address(sender, lambda m: options._fail(f"key 'from': {m}"))
+    return server, sender
+
+
+def from_config(config: SinkConfig) -> EmailSink:
+    options = _EmailOptions(config.name, config.kind, config.options)
+    where = f"sink {config.name!r} (email)"
+
+    def fail(message: str) -> ConfigError:
+        return ConfigError(f"{where}: {message}")
+
+    shared = options.text("smtp")
+    smtp: SmtpSettings | None = None
+    if shared is not None:
+        if shared != "settings":
+            raise fail(f"option 'smtp' can only be 'settings' (the [smtp] table), not {shared!r}")
+        given = sorted(SMTP_KEYS & set(config.options))
+        if given:
+            raise fail(
+                f"option(s) {', '.join(map(repr, given))} name a mail server, and smtp ="
+                " 'settings' says to use the one of the settings: choose one"
+            )
+    else:
+        smtp = _server(options, fail)
+    sender = options.text("from", required=shared is None)
     recipients = options.addresses("to", required=True)
     subject = options.text("subject")
     mode = options.text("mode", "change")
@@ -476,17 +564,8 @@ def from_config(config: SinkConfig) -> EmailSink:
     locale = options.text("locale")
     options.check_unknown()
 
-    if port > 65535:
-        raise fail("option 'port' must be at most 65535")
-    if use_ssl and starttls:
-        raise fail("options 'ssl' (TLS from the start) and 'starttls' exclude each other")
-    if (username is None) != (password is None):
-        raise fail("options 'username' and 'password' go together")
-    if username is not None and not (use_ssl or starttls):
-        raise fail("a password would travel in clear text: set starttls = true or ssl = true")
-    if ca_file is not None and not (use_ssl or starttls):
-        raise fail("option 'ca_file' needs starttls = true or ssl = true")
-    check_address(sender, lambda m: fail(f"option 'from': {m}"))
+    if sender is not None:
+        check_address(sender, lambda m: fail(f"option 'from': {m}"))
     if mode not in ("change", "digest"):
         raise fail(f"option 'mode' must be 'change' or 'digest', not {mode!r}")
     digest_only = sorted({"period", "send_empty", "delay", "max_items"} & set(config.options))
@@ -510,18 +589,6 @@ def from_config(config: SinkConfig) -> EmailSink:
             max_items=max_items,
             timezone=zone,
         )
-    smtp = SmtpSettings(
-        host=host,
-        port=port,
-        starttls=starttls,
-        ssl=use_ssl,
-        username=username,
-        password=password,
-        timeout=timeout,
-        verify=verify,
-        ca_file=ca_file,
-        helo=helo,
-    )
     return EmailSink(
         config.name,
         smtp,

@@ -283,7 +283,8 @@ CREATE TABLE web_users (
     role text NOT NULL CHECK (role IN ('admin', 'editor', 'viewer')),
     session_generation integer NOT NULL DEFAULT 1,
     created_at timestamptz NOT NULL DEFAULT now(),
-    last_login_at timestamptz
+    last_login_at timestamptz,
+    email text CHECK (email IS NULL OR (email <> '' AND length(email) <= 254))
 );
 
 -- The watches a viewer may read. Removing a watch removes it here: a new watch that is
@@ -295,6 +296,12 @@ CREATE TABLE web_user_watches (
 );
 CREATE INDEX web_user_watches_watch_idx ON web_user_watches (watch);
 
+-- Sinks a user made for themselves in the console (self-service feeds and e-mail): they go
+-- with their owner.
+ALTER TABLE sinks ADD COLUMN owner text
+    REFERENCES web_users (name) ON DELETE CASCADE ON UPDATE CASCADE;
+CREATE INDEX sinks_owner_idx ON sinks (owner) WHERE owner IS NOT NULL;
+
 -- Secrets the console generated for itself (the cookie signing key), by name.
 CREATE TABLE web_secrets (
     name text PRIMARY KEY,
@@ -302,4 +309,4 @@ CREATE TABLE web_secrets (
     created_at timestamptz NOT NULL DEFAULT now()
 );
 
-INSERT INTO schema_version (version) VALUES (5);
+INSERT INTO schema_version (version) VALUES (6);

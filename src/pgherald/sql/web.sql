@@ -11,7 +11,8 @@ RETURNING name
 
 -- name: get_user
 SELECT u.name, u.password_hash, u.role, u.session_generation, u.created_at, u.last_login_at,
-       coalesce(array_agg(w.watch ORDER BY w.watch) FILTER (WHERE w.watch IS NOT NULL), '{}')
+       coalesce(array_agg(w.watch ORDER BY w.watch) FILTER (WHERE w.watch IS NOT NULL), '{}'),
+       u.email
 FROM web_users u
 LEFT JOIN web_user_watches w ON w.user_name = u.name
 WHERE u.name = %(name)s
@@ -19,7 +20,8 @@ GROUP BY u.name
 
 -- name: list_users
 SELECT u.name, u.password_hash, u.role, u.session_generation, u.created_at, u.last_login_at,
-       coalesce(array_agg(w.watch ORDER BY w.watch) FILTER (WHERE w.watch IS NOT NULL), '{}')
+       coalesce(array_agg(w.watch ORDER BY w.watch) FILTER (WHERE w.watch IS NOT NULL), '{}'),
+       u.email
 FROM web_users u
 LEFT JOIN web_user_watches w ON w.user_name = u.name
 GROUP BY u.name
@@ -64,6 +66,24 @@ ON CONFLICT DO NOTHING
 
 -- name: deny_watches
 DELETE FROM web_user_watches WHERE user_name = %(name)s AND watch = ANY (%(watches)s::text[])
+
+-- name: set_email
+UPDATE web_users SET email = %(email)s WHERE name = %(name)s RETURNING name
+
+-- name: prune_own_subscriptions
+-- A viewer's own sinks keep only the watches the viewer may still read: the other
+-- subscriptions go, with what they delivered (a feed would still show it).
+WITH gone AS (
+    DELETE FROM subscriptions s
+    USING sinks k, web_users u
+    WHERE k.name = s.sink AND k.owner = u.name AND u.name = %(name)s AND u.role = 'viewer'
+      AND NOT EXISTS (
+          SELECT 1 FROM web_user_watches a WHERE a.user_name = u.name AND a.watch = s.watch)
+    RETURNING s.sink, s.watch
+)
+DELETE FROM deliveries d
+USING gone g, events e
+WHERE d.sink = g.sink AND e.id = d.event_id AND e.watch = g.watch
 
 -- name: get_secret
 SELECT value FROM web_secrets WHERE name = %(name)s
@@ -242,3 +262,53 @@ WHERE d.id < %(before)s
   AND (%(status)s::text IS NULL OR d.status = %(status)s)
 ORDER BY d.id DESC
 LIMIT %(limit)s
+
+-- Self-service: sinks a user owns, their subscriptions and deliveries ----------------------
+
+-- name: own_sinks
+SELECT name, kind, config, enabled, created_at FROM sinks WHERE owner = %(owner)s ORDER BY name
+
+-- name: sink_owner
+SELECT owner FROM sinks WHERE name = %(name)s
+
+-- name: add_own_sink
+INSERT INTO sinks (name, kind, config, owner)
+VALUES (%(name)s, %(kind)s, %(config)s, %(owner)s)
+ON CONFLICT (name) DO NOTHING
+RETURNING name
+
+-- name: own_subscriptions
+SELECT s.sink, s.watch, k.kind, k.config, s.created_at
+FROM subscriptions s JOIN sinks k ON k.name = s.sink
+WHERE k.owner = %(owner)s
+ORDER BY s.watch, s.sink
+
+-- name: remove_own_subscription
+DELETE FROM subscriptions s
+USING sinks k
+WHERE k.name = s.sink AND k.owner = %(owner)s AND s.sink = %(sink)s AND s.watch = %(watch)s
+RETURNING s.id
+
+-- name: set_own_email_recipients
+-- The user's e-mail sinks follow their address.
+UPDATE sinks SET config = jsonb_set(config, '{to}', to_jsonb(ARRAY[%(email)s::text]))
+WHERE owner = %(owner)s AND kind = 'email'
+
+-- name: page_own_deliveries
+-- A user's own sinks' deliveries, newest first, of the watches they may read (NULL: all).
+SELECT d.id, d.event_id, e.event_id, e.watch, e.op, d.sink, d.status, d.attempts,
+       d.next_attempt_at, d.last_error, d.delivered_at, d.created_at
+FROM deliveries d JOIN events e ON e.id = d.event_id
+WHERE d.sink IN (SELECT name FROM sinks WHERE owner = %(owner)s)
+  AND d.id < %(before)s
+  AND (%(status)s::text IS NULL OR d.status = %(status)s)
+  AND (%(watches)s::text[] IS NULL OR e.watch = ANY (%(watches)s::text[]))
+ORDER BY d.id DESC
+LIMIT %(limit)s
+
+-- name: own_delivery_counts
+SELECT d.sink, d.status, count(*)
+FROM deliveries d
+WHERE d.sink IN (SELECT name FROM sinks WHERE owner = %(owner)s)
+GROUP BY 1, 2
+ORDER BY 1, 2

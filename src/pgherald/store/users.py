@@ -33,6 +33,8 @@ class User:
     last_login_at: datetime | None
     watches: tuple[str, ...]
     """The watches a viewer may read (admins and editors read every watch)."""
+    email: str | None = None
+    """Where the user's own e-mail subscriptions go (set on their "My subscriptions" page)."""
 
 
 def _q(name: str) -> LiteralString:
@@ -40,7 +42,7 @@ def _q(name: str) -> LiteralString:
 
 
 def _user(r: Sequence[Any]) -> User:
-    return User(r[0], r[1], r[2], int(r[3]), r[4], r[5], tuple(r[6] or ()))
+    return User(r[0], r[1], r[2], int(r[3]), r[4], r[5], tuple(r[6] or ()), r[7])
 
 
 def add_user(conn: psycopg.Connection[Any], schema: str, name: str, hash: str, role: Role) -> bool:
@@ -84,7 +86,9 @@ def set_role(conn: psycopg.Connection[Any], schema: str, name: str, role: Role) 
     with in_schema(conn, schema):
         if role != "admin":
             _keep_an_admin(conn, name)
-        return conn.execute(_q("set_role"), {"name": name, "role": role}).fetchone() is not None
+        done = conn.execute(_q("set_role"), {"name": name, "role": role}).fetchone() is not None
+        _prune(conn, name)
+        return done
 
 
 def set_password(
@@ -115,6 +119,7 @@ def set_watches(
     with in_schema(conn, schema):
         conn.execute(_q("clear_watches"), {"name": name})
         _allow(conn, name, watches)
+        _prune(conn, name)
 
 
 def allow_watches(
@@ -142,6 +147,23 @@ def deny_watches(
 ) -> None:
     with in_schema(conn, schema):
         conn.execute(_q("deny_watches"), {"name": name, "watches": list(watches)})
+        _prune(conn, name)
+
+
+def _prune(conn: psycopg.Connection[Any], name: str) -> None:
+    """A viewer who may no longer read a watch loses their own subscriptions to it, and
+    what those delivered (their feed would still show it)."""
+    conn.execute(_q("prune_own_subscriptions"), {"name": name})
+
+
+def set_email(conn: psycopg.Connection[Any], schema: str, name: str, email: str | None) -> bool:
+    """Sets (or with None clears) a user's e-mail address; their own e-mail sinks follow
+    it. False when there is no such user."""
+    with in_schema(conn, schema):
+        done = conn.execute(_q("set_email"), {"name": name, "email": email}).fetchone()
+        if done is not None and email is not None:
+            conn.execute(_q("set_own_email_recipients"), {"owner": name, "email": email})
+    return done is not None
 
 
 def secret(conn: psycopg.Connection[Any], schema: str, name: str, generated: str) -> str:
@@ -169,6 +191,7 @@ __all__ = [
     "record_login",
     "remove_user",
     "secret",
+    "set_email",
     "set_password",
     "set_role",
     "set_watches",

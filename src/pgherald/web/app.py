@@ -25,9 +25,10 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from pgherald.config import Settings
 from pgherald.db.connect import connect
 from pgherald.errors import ConfigError
+from pgherald.ops.http import routes as ops_routes
 from pgherald.store import migrations
 from pgherald.store import users as user_store
-from pgherald.web import login, pages, stream
+from pgherald.web import login, mine, pages, published, stream
 from pgherald.web.console import Console, Pool
 from pgherald.web.feeds import feed_routes
 from pgherald.web.live import Notifier
@@ -116,6 +117,15 @@ def routes() -> list[BaseRoute]:
         Route("/users", pages.users_page),
         Route("/users/add", pages.user_add, methods=["POST"]),
         Route("/users/update", pages.user_update, methods=["POST"]),
+        Route("/my", mine.mine),
+        Route("/my/subscribe", mine.my_subscribe, methods=["POST"]),
+        Route("/my/unsubscribe", mine.my_unsubscribe, methods=["POST"]),
+        Route("/my/email", mine.my_email, methods=["POST"]),
+        Route("/my/feed/rotate", mine.my_feed_rotate, methods=["POST"]),
+        Route("/my/deliveries", mine.my_deliveries),
+        Route("/watches/{name}", published.watch_page),
+        Route("/watches/{name}/rows/{key:path}", published.row_page),
+        Route("/runs/{run_id:int}", published.run_page),
         Mount("/static", app=StaticFiles(directory=HERE / "static"), name="static"),
     ]
 
@@ -157,7 +167,8 @@ def create_app(
             console.pool.close()
 
     app = Starlette(
-        routes=[*extra_routes, *feed_routes(settings), *routes()],
+        # /healthz, /readyz and /metrics: no login, like the feeds (ops.http says why).
+        routes=[*extra_routes, *ops_routes(settings), *feed_routes(settings), *routes()],
         middleware=[Middleware(SecurityHeaders)],
         lifespan=lifespan,
     )

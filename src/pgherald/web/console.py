@@ -27,6 +27,8 @@ from pgherald import __version__
 from pgherald.config import Settings
 from pgherald.db.connect import connect
 from pgherald.errors import ConnectionFailed, PgHeraldError, SchemaError
+from pgherald.presentation import Presentation, displays
+from pgherald.render import Formatter, Renderer, WebLinks
 from pgherald.store import migrations
 from pgherald.store import users as user_store
 from pgherald.web.live import Notifier
@@ -88,6 +90,29 @@ class Console:
     secure_cookies: bool | None = None
     """Mark cookies Secure: None decides per request (https or not)."""
     extra: dict[str, Any] = field(default_factory=dict)
+
+    @functools.cached_property
+    def presentation(self) -> Presentation:
+        """The settings' locale, time zone and templates: the console shows values and
+        times as the feeds, pages and mails do."""
+        return Presentation.of(self.settings)
+
+    def formatter(self) -> Formatter:
+        p = self.presentation
+        return Formatter(p.locale, p.timezone)
+
+    def renderer(self, conn: psycopg.Connection[Any], shorten: int) -> Renderer:
+        """The shared renderer (``pgherald.render``) with every watch's display options and
+        links to the console's own pages; values cut at ``shorten`` characters."""
+        p = self.presentation
+        return Renderer(
+            locale=p.locale,
+            timezone=p.timezone,
+            templates_dir=p.templates_dir,
+            displays=displays(conn, self.settings.schema),
+            links=WebLinks(""),
+            shorten=shorten,
+        )
 
     def viewer(self, request: Request, conn: psycopg.Connection[Any]) -> Viewer | None:
         session = self.signer.read_session(request.cookies.get(SESSION_COOKIE))

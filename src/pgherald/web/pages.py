@@ -10,25 +10,25 @@ exist (404), so guessing names or ids tells nothing.
 from __future__ import annotations
 
 import urllib.parse
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, tzinfo
 from typing import Any, Final
 
 from starlette.responses import RedirectResponse, Response
 
-from pgherald import admin, routing_admin
+from pgherald import admin, routing_admin, selfservice
 from pgherald.errors import PgHeraldError
 from pgherald.events.model import OPERATIONS
 from pgherald.schedule import Schedule
 from pgherald.sources import logical_admin
-from pgherald.store import browse, deliveries, users
+from pgherald.store import browse, deliveries, own, users
 from pgherald.store import watches as registry
 from pgherald.store.changelog import ChangeLog
 from pgherald.store.watches import Watch
 from pgherald.web import accounts
 from pgherald.web.console import Ctx, not_found, page
-from pgherald.web.views import row_key_from_text, view, when
+from pgherald.web.views import FULL_LIMIT, LIST_WIDTH, row_key_from_text, view, when
 
 PAGE_SIZE: Final = 50
 MAX_TEXT: Final = 200
@@ -38,6 +38,12 @@ DELIVERY_STATUSES: Final = ("pending", "delivering", "delivered", "failed", "dea
 def redirect(path: str, **params: str) -> Response:
     query = urllib.parse.urlencode({k: v for k, v in params.items() if v})
     return RedirectResponse(path + (f"?{query}" if query else ""), status_code=303)
+
+
+def _fmt(ctx: Ctx, none: str = "") -> Callable[[datetime | None], str]:
+    """Times for a template, in the configured locale and time zone."""
+    formatter = ctx.console.formatter()
+    return lambda d: formatter.when(d) if d else none
 
 
 def _readable_watches(ctx: Ctx) -> list[Watch]:
@@ -113,11 +119,12 @@ def _dashboard_rows(ctx: Ctx) -> list[WatchRow]:
     if any(w.method == "logical" for w in readable):
         slot = logical_admin.slot_info(ctx.conn, ctx.settings.slot)
     now = datetime.now(UTC)
+    formatter = ctx.console.formatter()
     rows = []
     for w in readable:
         a = activity.get(w.name)
         lag, behind = _lag(w, a, slot, now)
-        shown, iso = when(w.last_run_at) if w.last_run_at else ("never", "")
+        shown, iso = when(w.last_run_at, formatter) if w.last_run_at else ("never", "")
         rows.append(
             WatchRow(
                 watch=w,
@@ -162,7 +169,7 @@ def watch_detail(ctx: Ctx) -> Response:
         subscriptions=subs if ctx.viewer.can_edit else [],
         describe=describe_filter,
         schedule=Schedule.from_options(dict(w.options)),
-        fmt=lambda d: when(d)[0] if d else "",
+        fmt=_fmt(ctx),
         active="dashboard",
     )
 
@@ -174,10 +181,10 @@ class BadFilter(PgHeraldError):
     pass
 
 
-def parse_time(text: str | None, end: bool) -> datetime | None:
-    """A time from a form: ISO 8601, a ``datetime-local`` value or a date, in the server's
-    time zone unless it says otherwise. An end time given to the minute (or day) includes
-    that whole minute (or day)."""
+def parse_time(text: str | None, end: bool, zone: tzinfo) -> datetime | None:
+    """A time from a form: ISO 8601, a ``datetime-local`` value or a date, in the
+    configured time zone (``zone``) unless it says otherwise. An end time given to the
+    minute (or day) includes that whole minute (or day)."""
     if text is None:
         return None
     try:
@@ -185,7 +192,7 @@ def parse_time(text: str | None, end: bool) -> datetime | None:
     except ValueError:
         raise BadFilter(f"{text[:40]!r} is not a time; write it like 2024-05-01 14:30") from None
     if moment.tzinfo is None:
-        moment = moment.astimezone()
+        moment = moment.replace(tzinfo=zone)
     if end:
         if len(text) == 10:
             moment += timedelta(days=1)
@@ -217,7 +224,8 @@ def _filters(ctx: Ctx, q: Query) -> browse.Filters | None:
         raise BadFilter(f"unknown operation {q.op[:20]!r}")
     if q.q is not None and len(q.q) > MAX_TEXT:
         raise BadFilter(f"search for at most {MAX_TEXT} characters")
-    since, until = parse_time(q.since, end=False), parse_time(q.until, end=True)
+    zone = ctx.console.formatter().zone
+    since, until = parse_time(q.since, False, zone), parse_time(q.until, True, zone)
     watches = ctx.viewer.watches
     row_key = None
     if q.watch is not None:
@@ -262,6 +270,7 @@ def changes(ctx: Ctx) -> Response:
         "query": q,
         "watches": watches,
         "operations": OPERATIONS,
+        "timezone": ctx.console.presentation.timezone,
         "active": "changes",
     }
     try:
@@ -275,7 +284,8 @@ def changes(ctx: Ctx) -> Response:
     first = before is None
     latest = log.last_id() if first else 0
     found = browse.page(log, filters, before or browse.NEWEST, PAGE_SIZE)
-    events = [view(e) for e in found.events]
+    r = ctx.console.renderer(ctx.conn, LIST_WIDTH)
+    events = [view(e, r) for e in found.events]
     after = max([latest, *(e.id for e in events)]) if first else None
     context.update(
         events=events,
@@ -294,7 +304,7 @@ def event_detail(ctx: Ctx) -> Response:
     found = browse.event(ChangeLog(ctx.conn, ctx.schema), log_id)
     if found is None or not ctx.viewer.may_read(found.event.watch):
         return not_found(ctx, "There is no such change.")
-    e = view(found, full=True)
+    e = view(found, ctx.console.renderer(ctx.conn, FULL_LIMIT), full=True)
     history = Query(watch=e.watch, key=None).link("/history", key=e.row_key) if e.row_key else None
     return ctx.render("event.html", event=e, history=history, active="changes")
 
@@ -314,13 +324,14 @@ def history(ctx: Ctx) -> Response:
     filters = browse.Filters(watches=(name,), row_key=row_key)
     log = ChangeLog(ctx.conn, ctx.schema)
     found = browse.page(log, filters, before or browse.NEWEST, PAGE_SIZE)
-    events = [view(e, full=True) for e in found.events]
+    r = ctx.console.renderer(ctx.conn, FULL_LIMIT)
+    events = [view(e, r, full=True) for e in found.events]
     link = Query(watch=name).link("/history", key=row_key, before=found.older)
     return ctx.render(
         "history.html",
         watch=w,
         row_key=row_key,
-        key=events[0].key if events else row_key,
+        key=events[0].label if events else row_key,
         events=events,
         older=link if found.older else None,
         active="changes",
@@ -429,6 +440,14 @@ def _subscriptions_page(ctx: Ctx, error: str | None, status: int) -> Response:
     )
 
 
+def _owner_may_read(ctx: Ctx, sink: str, watch: str) -> None:
+    """A user's own sink (self-service) gets only the watches its owner may read."""
+    _, owner = own.owner_of(ctx.conn, ctx.schema, sink)
+    found = users.get_user(ctx.conn, ctx.schema, owner) if owner is not None else None
+    if found is not None and not selfservice.may_read(found, watch):
+        raise PgHeraldError(f"sink {sink!r} belongs to {owner!r}, who may not read watch {watch!r}")
+
+
 @page("editor")
 def subscriptions(ctx: Ctx) -> Response:
     return _subscriptions_page(ctx, None, 200)
@@ -442,6 +461,7 @@ def subscribe(ctx: Ctx) -> Response:
     try:
         if sink is None or watch is None:
             raise PgHeraldError("choose a sink and a watch")
+        _owner_may_read(ctx, sink, watch)
         routing_admin.subscribe(
             ctx.settings,
             sink,
@@ -493,7 +513,7 @@ def deliveries_page(ctx: Ctx) -> Response:
         older=("/deliveries?" + urllib.parse.urlencode({**params, "before": older}))
         if older
         else None,
-        fmt=lambda d: when(d)[0] if d else "",
+        fmt=_fmt(ctx),
         active="deliveries",
     )
 
@@ -509,7 +529,7 @@ def _users_page(ctx: Ctx, error: str | None = None, status: int = 200) -> Respon
         users=users.list_users(ctx.conn, ctx.schema),
         watches=registry.list_watches(ctx.conn, ctx.schema),
         roles=users.ROLES,
-        fmt=lambda d: when(d)[0] if d else "never",
+        fmt=_fmt(ctx, "never"),
         active="users",
     )
 

@@ -21,7 +21,7 @@ from pgherald.store.changelog import ChangeLog
 from pgherald.web import pages
 from pgherald.web.console import Console, Ctx, login_redirect
 from pgherald.web.security import Viewer
-from pgherald.web.views import view
+from pgherald.web.views import LIST_WIDTH, view
 
 KEEPALIVE_SECONDS: Final = 15.0
 BATCH: Final = 200
@@ -72,9 +72,10 @@ def _read(
         upto = log.last_id()
         after = max(after, upto - BACKLOG)
         found = browse.newer(log, filters, after, upto, BATCH)
+        r = console.renderer(conn, LIST_WIDTH) if found else None
     if len(found) == BATCH:
         upto = found[-1].id
-    rows = [(e.id, template.render(e=view(e), fresh=True)) for e in found]
+    rows = [(e.id, template.render(e=view(e, r), fresh=True)) for e in found if r is not None]
     return rows, upto
 
 

@@ -1,9 +1,13 @@
-"""Change events as the console's templates show them.
+"""Change events as the console's templates show them, made by the shared renderer
+(``pgherald.render``): the watch's display name, the row's label, the operation in words,
+values and times in the configured locale and time zone, NULL as "(empty)".
 
-Values are PostgreSQL's text output, control characters escaped (``present.clean``), so a
-value can never break a line or smuggle markup: the templates escape everything, and
-what reaches them is already plain text. Lists cut long values; the event page shows them
-whole up to ``FULL_LIMIT`` characters.
+On top of what the renderer escapes, the console writes every character that is not
+printable (bidirectional overrides among them) as an escape, so a value can never reorder
+or break the page; the templates escape markup, and right-to-left text sits in ``<bdi>``.
+Lists cut values at ``LIST_WIDTH`` characters (the whole value is one click away: in place
+when short enough, else on the change's own page); a change's page shows each value whole
+up to ``FULL_LIMIT`` characters.
 """
 
 from __future__ import annotations
@@ -13,12 +17,16 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Final
 
-from pgherald import present
-from pgherald.events import UNCHANGED_TOAST, ChangeEvent, RowImage
+from pgherald.events import ChangeEvent
+from pgherald.render import Formatter, Renderer, Shown
+from pgherald.render.values import shorten
 from pgherald.store.changelog import StoredEvent, row_key_of
 
 LIST_WIDTH: Final = 80
 FULL_LIMIT: Final = 10_000
+INLINE_LIMIT: Final = 2_000
+"""A value cut in a list opens in place up to this length; longer ones on their own page."""
+KEY_WIDTH: Final = 40
 OP_LABELS: Final = {
     "insert": "added",
     "update": "changed",
@@ -27,14 +35,30 @@ OP_LABELS: Final = {
     "read": "initial",
     "schema": "schema",
     "message": "message",
+    "gap": "gap",
 }
+
+
+@dataclass(frozen=True)
+class Value:
+    """One side of a field: ``text`` to show (one line in lists; in a change's page the
+    value with its line breaks, up to ``FULL_LIMIT``), and in lists ``whole`` when the
+    value was cut and is short enough to open in place."""
+
+    text: str
+    cut: bool = False
+    whole: str | None = None
+    missing: bool = False
+    size: int = 0
+    """Characters of the whole value (to say how much a cut value holds)."""
 
 
 @dataclass(frozen=True)
 class FieldView:
     name: str
-    old: str | None
-    new: str | None
+    title: str
+    old: Value | None
+    new: Value | None
     changed: bool
 
 
@@ -43,98 +67,122 @@ class EventView:
     id: int
     event_id: str
     watch: str
+    watch_title: str
     op: str
     op_label: str
+    op_words: str
     when: str
     when_iso: str
     table: str
+    label: str
+    """The row's label (the watch's label template, or its key), or the table."""
     key: str
+    """The key as ``column=value`` pairs."""
     row_key: str | None
     fields: tuple[FieldView, ...]
-    summary: str
+    note: str | None
     method: str
+    method_words: str
     position: str
     xid: int | None
     old_values: str
 
 
-def when(moment: datetime) -> tuple[str, str]:
-    """Local time for people, ISO 8601 with offset for machines (``<time datetime>``)."""
-    local = moment.astimezone()
-    return local.strftime("%Y-%m-%d %H:%M:%S"), local.isoformat(timespec="seconds")
+def strict(text: str, keep_lines: bool = False) -> str:
+    """``text`` with every character that is not printable written as an escape
+    (``\\u202e``, ``\\x1b``); line breaks and tabs kept when ``keep_lines``."""
+    if text.isprintable():
+        return text
+    return "".join(
+        ch
+        if ch.isprintable() or (keep_lines and ch in "\n\t")
+        else ch.encode("unicode_escape").decode("ascii")
+        for ch in text
+    )
 
 
-def _text(image: RowImage | None, column: str, width: int) -> str | None:
-    if image is None or column not in image.shape:
+def when(moment: datetime, formatter: Formatter) -> tuple[str, str]:
+    """A time for people (the configured locale and zone, with the zone's name) and ISO
+    8601 with offset for machines (``<time datetime>``)."""
+    local = moment.astimezone(formatter.zone)
+    return formatter.when(moment), local.isoformat(timespec="seconds")
+
+
+def _value(shown: Shown | None, full: bool) -> Value | None:
+    if shown is None:
         return None
-    text = image.text(column)
-    if text is None:
-        return "NULL"
-    if text is UNCHANGED_TOAST:
-        return "(unchanged)"
-    return present.clean(str(text), width)
+    size = len(shown.full)
+    if shown.missing:
+        return Value(shown.short, missing=True, size=size)
+    if full:
+        if size <= FULL_LIMIT:
+            return Value(strict(shown.full, keep_lines=True), size=size)
+        return Value(strict(shorten(shown.full, FULL_LIMIT), keep_lines=True), cut=True, size=size)
+    short = strict(shown.short)
+    if not shown.truncated:
+        return Value(short, size=size)
+    whole = strict(shown.full, keep_lines=True) if size <= INLINE_LIMIT else None
+    return Value(short, cut=True, whole=whole, size=size)
 
 
-def key_text(event: ChangeEvent, width: int = LIST_WIDTH) -> str:
+def _fields(
+    event: ChangeEvent, r: Renderer, full: bool, changed_only: tuple[FieldView, ...]
+) -> tuple[FieldView, ...]:
+    """An update's every column (on its own page) or the renderer's fields."""
+    if not (full and event.op == "update" and event.new is not None):
+        return changed_only
+    display = r.display(event.watch)
+    names = list(event.new)
+    names += [c for c in event.changed if c not in names]
+    return tuple(
+        FieldView(
+            strict(c),
+            strict(display.column_title(c)),
+            _value(r.views.value(event.old, c), full),
+            _value(r.views.value(event.new, c), full),
+            c in event.changed,
+        )
+        for c in names
+    )
+
+
+def key_text(event: ChangeEvent) -> str:
     return ", ".join(
-        f"{present.clean(k, 40)}={'NULL' if v is None else present.clean(str(v), width)}"
+        f"{strict(shorten(k, KEY_WIDTH))}="
+        f"{'NULL' if v is None else strict(shorten(str(v), LIST_WIDTH))}"
         for k, v in event.key.items()
     )
 
 
-def fields(event: ChangeEvent, width: int, everything: bool = False) -> tuple[FieldView, ...]:
-    """The fields worth showing: an update's changed ones (all, with ``everything``), an
-    insert's or delete's values."""
-    changed = set(event.changed)
-    if event.op == "update":
-        names = list(event.new or ()) if everything else list(event.changed)
-        if everything:
-            names += [c for c in event.changed if c not in names]
-        return tuple(
-            FieldView(c, _text(event.old, c, width), _text(event.new, c, width), c in changed)
-            for c in names
-        )
-    if event.op in ("insert", "read") and event.new is not None:
-        return tuple(
-            FieldView(c, None, _text(event.new, c, width), True)
-            for c in event.new
-            if everything or c not in event.key
-        )
-    if event.op == "delete" and event.old is not None:
-        return tuple(
-            FieldView(c, _text(event.old, c, width), None, True)
-            for c in event.old
-            if everything or c not in event.key
-        )
-    if event.op == "message" and event.new is not None:
-        return (FieldView("payload", None, _text(event.new, "payload", width), True),)
-    if event.op == "schema":
-        summary = {
-            k: event.meta[k] for k in ("added", "dropped", "renamed", "retyped") if k in event.meta
-        }
-        text = json.dumps(summary, ensure_ascii=False, default=str)
-        return (FieldView("schema", None, present.clean(text, width), True),)
-    return ()
-
-
-def view(stored: StoredEvent, full: bool = False) -> EventView:
+def view(stored: StoredEvent, r: Renderer, full: bool = False) -> EventView:
+    """``stored`` for a template; ``r`` cuts values at its formatter's limit (make it with
+    ``Console.renderer(conn, LIST_WIDTH or FULL_LIMIT)``)."""
     e = stored.event
-    width = FULL_LIMIT if full else LIST_WIDTH
-    shown, iso = when(e.commit_time or e.captured_at)
+    c = r.view(e, stored.id)
+    listed = tuple(
+        FieldView(strict(f.column), strict(f.title), _value(f.old, full), _value(f.new, full), True)
+        for f in c.fields
+    )
+    key = key_text(e)
+    table = strict(f"{e.schema}.{e.table}" if e.schema else e.table)
     return EventView(
         id=stored.id,
         event_id=e.event_id,
         watch=e.watch,
+        watch_title=strict(c.watch_title),
         op=e.op,
         op_label=OP_LABELS.get(e.op, e.op),
-        when=shown,
-        when_iso=iso,
-        table=f"{e.schema}.{e.table}",
-        key=key_text(e, width),
+        op_words=c.op_words,
+        when=c.when_text,
+        when_iso=c.when.astimezone(r.formatter.zone).isoformat(timespec="seconds"),
+        table=table,
+        label=strict(c.label) if c.label is not None else table,
+        key=key,
         row_key=row_key_of(e.key),
-        fields=fields(e, width, everything=full),
-        summary=present.describe(e, width=200),
+        fields=_fields(e, r, full, listed),
+        note=strict(c.note) if c.note else None,
         method=e.method,
+        method_words=c.method_words,
         position=e.position,
         xid=e.xid,
         old_values=e.old_values,
@@ -161,4 +209,13 @@ def row_key_from_text(text: str, key_columns: tuple[str, ...]) -> str | None:
     return row_key_of({str(i): p for i, p in enumerate(parts)})
 
 
-__all__ = ["EventView", "FieldView", "fields", "key_text", "row_key_from_text", "view", "when"]
+__all__ = [
+    "EventView",
+    "FieldView",
+    "Value",
+    "key_text",
+    "row_key_from_text",
+    "strict",
+    "view",
+    "when",
+]
