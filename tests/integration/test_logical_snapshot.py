@@ -196,3 +196,55 @@ def test_rows_changed_inside_the_chunk_window_are_not_read_stale(
         str(r[0]) for r in db.execute("SELECT id FROM items WHERE label = 'changed in window'")
     }
     assert not changed & set(reads)
+
+
+def test_snapshot_values_are_the_texts_the_stream_sends(db: Database) -> None:
+    """A row read by the initial snapshot and the same values streamed by an INSERT give
+    the same texts: each is what the type's output function prints, as pgoutput sends it
+    (a cast to text would give ``true`` for ``t``, trim char(n), add ``/32`` to an inet)."""
+    db.execute("CREATE DOMAIN flag AS boolean")
+    db.execute(
+        """CREATE TABLE odd (
+            id int PRIMARY KEY, b boolean, f flag, c char(5), ch "char", ip inet, net cidr,
+            bs boolean[], ts timestamptz, n numeric, r real, iv interval, j jsonb, m money)"""
+    )
+    db.execute(
+        """INSERT INTO odd VALUES (1, true, false, 'ab', 'x', '10.1.2.3', '10.1.0.0/16',
+            '{t,f,NULL}', '2024-02-29 12:34:56.789+02', 1.50, 0.1, '1 mon 2 days 03:04:05',
+            '{"b": 1, "a": [true, null]}', 12.5)"""
+    )
+    settings = Settings(dsn=db.dsn)
+    admin.init(settings)
+    admin.add_watch(settings, "public.odd")
+    db.execute("UPDATE pgherald.watches SET options = '{\"snapshot\": true}'")
+    _, handle = _capture(db, settings, chunk=10)
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not db.execute(
+            "SELECT 1 FROM pgherald.checkpoints WHERE source = 'snapshot:odd' AND position = 'done'"
+        ):
+            time.sleep(0.1)
+        # The same values again, this time through the stream.
+        db.execute(
+            "INSERT INTO odd SELECT 2, b, f, c, ch, ip, net, bs, ts, n, r, iv, j, m FROM odd"
+        )
+        streamed = None
+        while time.monotonic() < deadline and streamed is None:
+            with psycopg.connect(db.dsn, autocommit=True) as conn:
+                found = ChangeLog(conn, "pgherald").read(after_id=0, limit=100)
+            events = {(s.event.op, s.event.key.get("id")): s.event for s in found}
+            streamed = events.get(("insert", "2"))
+            time.sleep(0.1)
+    finally:
+        _stop(handle)
+    assert streamed is not None and streamed.new is not None
+    read = events[("read", "1")]
+    assert read.new is not None
+    columns = [c for c in streamed.new.shape.names if c != "id"]
+    assert [read.new.text(c) for c in columns] == [streamed.new.text(c) for c in columns]
+    texts = dict(zip(columns, (read.new.text(c) for c in columns), strict=True))
+    # And those are the output functions' texts, not a cast's.
+    assert texts["b"] == "t" and texts["f"] == "f"
+    assert texts["c"] == "ab   " and texts["ch"] == "x"
+    assert texts["ip"] == "10.1.2.3" and texts["net"] == "10.1.0.0/16"
+    assert texts["bs"] == "{t,f,NULL}"

@@ -29,7 +29,8 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from pgherald.db.sqlfiles import ident
+from pgherald.db.sqlfiles import ident, named_query
+from pgherald.db.types import output_text
 from pgherald.events import RowImage
 from pgherald.events.model import ColumnSpec, RowShape
 
@@ -40,6 +41,16 @@ DONE = "done"
 def progress_name(watch: str) -> str:
     """The checkpoint under which a watch's snapshot progress is stored."""
     return f"snapshot:{watch}"
+
+
+def restart_progress(reason: str) -> str:
+    """The progress that makes a watch's snapshot start again from its first row.
+
+    Stored for every watch when the slot was recreated (see ``slot_safety``): the table is
+    read again whether or not the watch asked for an initial snapshot, so that what changed
+    while no slot kept the changes is represented by the rows as they are now.
+    """
+    return json.dumps({"last_key": None, "restart": reason})
 
 
 @dataclass
@@ -59,6 +70,9 @@ class TableSnapshot:
     window_open: bool = False
     seen: set[tuple[Any, ...]] = field(default_factory=set)
     full_chunk: bool = False
+    base_types: tuple[int, ...] = ()
+    """The type of each column of ``shape``, domains resolved to their base type (whose output
+    function prints them)."""
 
     @classmethod
     def resume(
@@ -74,7 +88,8 @@ class TableSnapshot:
         if progress == DONE:
             snap.done = True
         elif progress:
-            snap.last_key = tuple(json.loads(progress)["last_key"])
+            last_key = json.loads(progress).get("last_key")
+            snap.last_key = tuple(last_key) if last_key is not None else None
         return snap
 
     @property
@@ -82,17 +97,12 @@ class TableSnapshot:
         return self.chunk_id is not None
 
     def _shape(self, conn: psycopg.Connection[Any], type_names: TypeNamesFn) -> RowShape:
-        rows = conn.execute(
-            "SELECT a.attname, a.atttypid::int8 FROM pg_attribute a"
-            " WHERE a.attrelid = (SELECT c.oid FROM pg_class c JOIN pg_namespace n"
-            "   ON n.oid = c.relnamespace WHERE n.nspname = %s AND c.relname = %s)"
-            " AND a.attnum > 0 AND NOT a.attisdropped ORDER BY a.attnum",
-            (self.schema, self.table),
-        ).fetchall()
+        rows = conn.execute(named_query("logical.sql", "chunk_columns"), (self.schema, self.table))
         wanted = set(self.columns) | set(self.key_columns) if self.columns else None
-        cols = [(str(n), int(t)) for n, t in rows if wanted is None or n in wanted]
-        names = type_names(t for _, t in cols)
-        return RowShape(tuple(ColumnSpec(n, t, names.get(t, str(t))) for n, t in cols))
+        cols = [(str(n), int(t), int(b)) for n, t, b in rows if wanted is None or n in wanted]
+        names = type_names(t for _, t, _ in cols)
+        self.base_types = tuple(b for _, _, b in cols)
+        return RowShape(tuple(ColumnSpec(n, t, names.get(t, str(t))) for n, t, _ in cols))
 
     def read_chunk(
         self, conn: psycopg.Connection[Any], chunk_size: int, type_names: TypeNamesFn
@@ -108,8 +118,11 @@ class TableSnapshot:
         # Key columns are qualified: a bare name in ORDER BY would bind to the *output* column
         # (the text), ordering 1, 10, 100, 2 ... instead of by the key's own type.
         select = sql.SQL("SELECT {cols} FROM {table} AS t{where} ORDER BY {key} LIMIT %s").format(
+            # Each value as its type's output function prints it, as pgoutput sends it: a cast
+            # to text would say ``true`` for ``t``, trim char(n) and add ``/32`` to an inet.
             cols=sql.SQL(", ").join(
-                sql.SQL("{}::text").format(ident("t", n)) for n in self.shape.names
+                output_text(ident("t", n), base)
+                for n, base in zip(self.shape.names, self.base_types, strict=True)
             ),
             table=ident(self.schema, self.table),
             where=sql.SQL(" WHERE ({}) > ({})").format(
