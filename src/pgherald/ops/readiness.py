@@ -76,7 +76,7 @@ class CaptureProbe:
         settings: Settings = capture.settings
         self.logical_name = logical_checkpoint(settings.slot)
         self.trigger_name = trigger_checkpoint(settings.schema)
-        self._lsn: int | None = None
+        self._lsn: int | None = getattr(capture.source, "stored_lsn", None)
         self._moved = clock()
         """When the logical source's acknowledged position last changed, as seen here."""
 

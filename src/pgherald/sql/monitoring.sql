@@ -36,7 +36,7 @@ ORDER BY 1, 2
 -- name: dead_since
 -- Each sink's dead letters that died within the window: their last attempt (or, when
 -- given up without one, their creation) is that recent. A dead letter put back in line
--- (`pgherald delivery retry`) is not dead any more, and stops counting.
+-- (`pgherald deliveries retry`) is not dead any more, and stops counting.
 SELECT s.name,
        (SELECT count(*) FROM {deliveries} d
         WHERE d.sink = s.name AND d.status = 'dead'
