@@ -11,7 +11,7 @@ import logging
 import threading
 import time
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Final
 
 import psycopg
@@ -24,6 +24,7 @@ from pgherald.delivery.router import Router
 from pgherald.errors import ConfigError
 from pgherald.events import ChangeEvent
 from pgherald.events.model import RowShape
+from pgherald.leadership import Leadership, wait_for_slot
 from pgherald.ops import metrics, status
 from pgherald.ops.readiness import capture_probe, delivery_probe
 from pgherald.sinks.base import Sink, SinkConfig, check_format
@@ -374,11 +375,19 @@ class Capture:
         self.trigger: TriggerSource | None = build_trigger_source(settings) if triggered else None
         self.listen: ListenSource | None = build_listen_source(settings) if listened else None
         self.threads: list[_SourceThread] = []
+        # One instance of several captures each part: the one that holds its lock.
+        self.leadership = Leadership(settings.dsn, settings.schema, self.stop)
         if self.source is not None:
             source = self.source
             self.threads.append(
                 _SourceThread(
-                    "pgherald-logical", lambda: _run_logical(settings, source, self.stop), self.stop
+                    "pgherald-logical",
+                    self._led(
+                        logical_source_name(settings),
+                        f"logical capture (slot {settings.slot})",
+                        lambda term: self._lead_logical(source, term),
+                    ),
+                    self.stop,
                 )
             )
         if self.trigger is not None:
@@ -386,7 +395,11 @@ class Capture:
             self.threads.append(
                 _SourceThread(
                     "pgherald-trigger",
-                    lambda: _run_trigger(settings, trigger, self.stop),
+                    self._led(
+                        trigger_source_name(settings),
+                        "trigger capture",
+                        lambda term: self._lead_trigger(trigger, term),
+                    ),
                     self.stop,
                 )
             )
@@ -396,15 +409,55 @@ class Capture:
         if self.scheduler is not None:
             scheduler = self.scheduler
             self.threads.append(
-                _SourceThread("pgherald-snapshots", lambda: scheduler.run(self.stop), self.stop)
+                _SourceThread(
+                    "pgherald-snapshots",
+                    self._led("snapshots", "the snapshot scheduler", scheduler.run),
+                    self.stop,
+                )
             )
         if self.listen is not None:
             listen = self.listen
             self.threads.append(
                 _SourceThread(
-                    "pgherald-listen", lambda: _run_listen(settings, listen, self.stop), self.stop
+                    "pgherald-listen",
+                    self._led(
+                        listen_checkpoint_name(settings.schema),
+                        "listen capture",
+                        lambda term: self._lead_listen(listen, term),
+                    ),
+                    self.stop,
                 )
             )
+
+    def _led(
+        self, name: str, title: str, body: Callable[[threading.Event], None]
+    ) -> Callable[[], None]:
+        """A source thread's target: ``body(term)`` whenever this process leads ``name``."""
+        role = self.leadership.role(name, title)
+        return lambda: self.leadership.lead(role, body)
+
+    def _lead_logical(self, source: LogicalSource, term: threading.Event) -> None:
+        """A term of logical capture: the watches as they are now, once the previous
+        leader's walsender let go of the slot; the source resumes from the checkpoint."""
+        source.watches = logical_watches(self.settings) or source.watches
+        wait_for_slot(self.settings.dsn, self.settings.slot, term)
+        _run_logical(self.settings, source, term)
+
+    def _lead_trigger(self, trigger: TriggerSource, term: threading.Event) -> None:
+        """A term of trigger capture: the watches and each one's last stored shape as they
+        are now (another instance may have captured since this one last did)."""
+        found = trigger_watches(self.settings) or trigger.watches
+        with connect(self.settings, autocommit=True) as conn:
+            changelog = ChangeLog(conn, self.settings.schema)
+            shapes = {w.name: s for w in found if (s := changelog.last_shape(w.name)) is not None}
+        trigger.watches = found
+        trigger.assembler.watches = found
+        trigger.assembler.restore(shapes)
+        _run_trigger(self.settings, trigger, term)
+
+    def _lead_listen(self, listen: ListenSource, term: threading.Event) -> None:
+        listen.watches = listen_watches(self.settings) or listen.watches
+        _run_listen(self.settings, listen, term)
 
     @property
     def errors(self) -> list[BaseException]:
@@ -425,6 +478,7 @@ class Capture:
 
     def start(self) -> Capture:
         status.register(self, "capture", capture_probe(self))
+        self.leadership.start()
         for t in self.threads:
             t.start()
         return self
@@ -445,6 +499,7 @@ class Capture:
         self.stop.set()
         for t in self.threads:
             t.join(timeout)
+        self.leadership.close()  # after the sources stored their last batches
         if self.errors:
             raise self.errors[0]
 

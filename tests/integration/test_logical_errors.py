@@ -2,7 +2,8 @@
 
 Each case is set up on a real server the way it happens to people (a server left at
 ``wal_level=replica``, a role without REPLICATION, every slot taken, a slot dropped by
-someone else, a second ``pgherald run``), and ``pgherald run`` is run as a user runs it.
+someone else, another program streaming the slot), and ``pgherald run`` is run as a
+user runs it.
 It must stop with exit status 1 and one ``pgherald: ...`` line, and never loop or leave
 a half-made slot behind.
 """
@@ -13,6 +14,8 @@ import subprocess
 import time
 
 import psycopg
+import psycopg2
+import psycopg2.extras
 import pytest
 from psycopg import sql
 
@@ -165,19 +168,33 @@ def test_slot_dropped_behind_our_back_is_refused_until_resync(db: Database) -> N
     assert keys == ["1", "3"], "after the resync capture goes on from the new slot"
 
 
-def test_slot_in_use_by_another_process(db: Database) -> None:
+def test_slot_in_use_by_another_program(db: Database) -> None:
+    """Another program streams pgherald's slot: pgherald waits a while for it to let go
+    (a previous leader's walsender lingers for a moment after it died), then says the slot
+    is in use and stops. A second pgherald of the same change log is no such program: it
+    stands by (``tests/faults/test_failover.py``)."""
     db.execute("CREATE TABLE t (id int PRIMARY KEY)")
     settings = install(db.dsn)
-    first = h.CaptureProcess(settings).start()
+    holder = psycopg2.connect(
+        db.dsn, connection_factory=psycopg2.extras.LogicalReplicationConnection
+    )
     try:
-        first.wait_ready()
+        holder.cursor().start_replication(
+            slot_name=settings.slot,
+            options={"proto_version": "1", "publication_names": settings.publication},
+        )
         code, line = run_once(settings)
         assert code == 1
         assert "in use" in line and settings.slot in line, line
-        assert first.alive(), "the first capture goes on"
-        db.execute("INSERT INTO t VALUES (1)")
-        h.catch_up(settings, alive=lambda: None if first.alive() else first.log()[-2000:])
     finally:
-        assert first.stop() == 0, first.log()[-2000:]
-        first.close()
+        holder.close()
+    h.wait_released(settings)
+    proc = h.CaptureProcess(settings).start()
+    try:
+        proc.wait_ready()
+        db.execute("INSERT INTO t VALUES (1)")
+        h.catch_up(settings, alive=lambda: None if proc.alive() else proc.log()[-2000:])
+    finally:
+        assert proc.stop() == 0, proc.log()[-2000:]
+        proc.close()
     assert [e.key["id"] for e in h.stored_events(settings)] == ["1"]
