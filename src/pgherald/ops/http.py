@@ -18,7 +18,7 @@ import asyncio
 import contextlib
 import logging
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import uvicorn
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -28,6 +28,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from pgherald.config import Settings
+from pgherald.errors import ConfigError
 from pgherald.ops import readiness
 from pgherald.ops.collector import exposition
 
@@ -35,14 +36,15 @@ log = logging.getLogger("pgherald.http")
 _NO_STORE = {"Cache-Control": "no-store"}
 
 
-def routes(settings: Settings) -> list[BaseRoute]:
-    """The three endpoints, for the store of ``settings``."""
+def routes(settings: Settings, expect: Sequence[str] = ()) -> list[BaseRoute]:
+    """The three endpoints, for the store of ``settings``; ``expect``: the parts this
+    process runs, which ``/readyz`` waits for (``readiness.check``)."""
 
     async def healthz(request: Request) -> Response:
         return PlainTextResponse("ok\n", headers=_NO_STORE)
 
     async def readyz(request: Request) -> Response:
-        found = await asyncio.to_thread(readiness.check, settings)
+        found = await asyncio.to_thread(readiness.check, settings, expect=expect)
         return JSONResponse(
             found.to_dict(), status_code=200 if found.ready else 503, headers=_NO_STORE
         )
@@ -58,17 +60,19 @@ def routes(settings: Settings) -> list[BaseRoute]:
     ]
 
 
-def create_app(settings: Settings) -> Starlette:
-    return Starlette(routes=routes(settings))
+def create_app(settings: Settings, expect: Sequence[str] = ()) -> Starlette:
+    return Starlette(routes=routes(settings, expect))
 
 
 class OpsServer:
     """The endpoints served by uvicorn in a thread of their own (no signal handlers: the
     caller owns signals). ``port`` 0 picks a free port, known once ``start`` returned."""
 
-    def __init__(self, settings: Settings, host: str, port: int) -> None:
+    def __init__(
+        self, settings: Settings, host: str, port: int, expect: Sequence[str] = ()
+    ) -> None:
         config = uvicorn.Config(
-            create_app(settings),
+            create_app(settings, expect),
             host=host,
             port=port,
             log_level="warning",
@@ -90,7 +94,10 @@ class OpsServer:
         self.thread.start()
         while not self.server.started:
             if not self.thread.is_alive():
-                raise OSError(f"cannot serve health and metrics on {self.host}:{self.port}")
+                raise ConfigError(
+                    f"cannot serve health and metrics on {self.host}:{self.port}: the address"
+                    " is in use, or not one of this machine's"
+                )
             self.thread.join(0.02)
             timeout -= 0.02
             if timeout <= 0:
@@ -106,12 +113,14 @@ class OpsServer:
 
 
 @contextlib.contextmanager
-def serving(settings: Settings, address: tuple[str, int] | None) -> Iterator[OpsServer | None]:
+def serving(
+    settings: Settings, address: tuple[str, int] | None, expect: Sequence[str] = ()
+) -> Iterator[OpsServer | None]:
     """Serves the endpoints on ``address`` for the duration of the block (nothing if None)."""
     if address is None:
         yield None
         return
-    server = OpsServer(settings, *address).start()
+    server = OpsServer(settings, *address, expect=expect).start()
     log.info("health and metrics on %shealthz, /readyz and /metrics", server.url)
     try:
         yield server
@@ -119,4 +128,14 @@ def serving(settings: Settings, address: tuple[str, int] | None) -> Iterator[Ops
         server.stop()
 
 
-__all__ = ["OpsServer", "create_app", "routes", "serving"]
+def parse_address(text: str | None, flag: str = "--http") -> tuple[str, int] | None:
+    """``HOST:PORT`` (``[::1]:9187`` for IPv6) as a pair; one clear error otherwise."""
+    if text is None:
+        return None
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"{flag} {text!r} is not HOST:PORT (e.g. 127.0.0.1:9187)")
+    return host.strip("[]"), int(port)
+
+
+__all__ = ["OpsServer", "create_app", "parse_address", "routes", "serving"]

@@ -19,7 +19,7 @@ A part that another instance leads (high availability) is standing by: it is not
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -184,8 +184,15 @@ class Readiness:
         }
 
 
-def check(settings: Settings, timeout: float = CHECK_TIMEOUT) -> Readiness:
-    """Asks the database and every registered part (blocking: run it in a thread)."""
+def check(
+    settings: Settings, timeout: float = CHECK_TIMEOUT, expect: Sequence[str] = ()
+) -> Readiness:
+    """Asks the database and every registered part (blocking: run it in a thread).
+
+    ``expect`` names the parts this process is meant to run (``capture``, ``delivery``):
+    one that has not registered yet (still starting, or restarting after a reload) is a
+    problem too.
+    """
     problems: list[str] = []
     conn: psycopg.Connection[Any] | None = None
     try:
@@ -197,6 +204,8 @@ def check(settings: Settings, timeout: float = CHECK_TIMEOUT) -> Readiness:
             conn.close()
         conn = None
     found = status.probes()
+    running = {name for name, _ in found}
+    problems += [f"{name} has not started" for name in expect if name not in running]
     try:
         for name, probe in found:
             try:
