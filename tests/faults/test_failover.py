@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import random
 import re
+import socket
 import threading
 import time
 from collections import Counter, defaultdict
@@ -567,6 +568,78 @@ def test_a_standby_never_captures_and_a_clean_stop_hands_over(
         f"\nclean handover: every role led by the standby {handover:.2f}s after the leader"
         f" stopped ({time.monotonic() - stopped:.1f}s until it stored and ran what came"
         " after)\nthe standby said:\n" + "\n".join(lead_lines(second.log()))
+    )
+
+
+def test_a_leader_that_loses_its_lock_connection_stops_capturing(
+    db_primary: Database, pair: Callable[..., h.CaptureProcess]
+) -> None:
+    """The leader's lock connection is terminated by the server (as an administrator's
+    ``pg_terminate_backend`` or an ``idle_session_timeout`` would): the leader says it lost
+    the lead and stops both sources at once, one instance leads each role again within
+    seconds, and what is written meanwhile and afterwards is captured once."""
+    settings = install(db_primary)
+    first, second = pair(settings), pair(settings)
+    first.start()
+    first.wait_ready(timeout=60)
+    with psycopg.connect(settings.dsn, autocommit=True) as conn:
+
+        def leads() -> dict[str, int | None]:
+            return lock_holders(conn, settings)
+
+        wait_until(
+            lambda: leads()["logical"] == leads()["trigger"] == first.pid,
+            30,
+            lambda: f"the first instance does not lead: {leads()}",
+        )
+        second.start()
+        wait_until(
+            lambda: len(re.findall(r"waiting to lead", second.log())) >= 2,
+            30,
+            lambda: f"the second instance does not stand by:\n{second.log()[-2000:]}",
+        )
+        for table in ("fo_log_a", "fo_trg_a"):
+            conn.execute(
+                sql.SQL("INSERT INTO {} VALUES (1, 1, 'before')").format(sql.Identifier(table))
+            )
+        row = conn.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = %s",
+            (f"pgherald-lead {first.pid}@{socket.gethostname()}"[:63],),
+        ).fetchone()
+        assert row is not None and row[0], "the leader's lock connection was not found"
+        fenced = wait_until(
+            lambda: all(
+                f"lost the lead of {title}" in first.log()
+                for title in (f"logical capture (slot {settings.slot})", "trigger capture")
+            ),
+            10,
+            lambda: f"the leader did not notice:\n{first.log()[-3000:]}",
+        )
+        for table in ("fo_log_a", "fo_trg_a"):
+            conn.execute(
+                sql.SQL("INSERT INTO {} VALUES (2, 2, 'after')").format(sql.Identifier(table))
+            )
+        again = wait_until(
+            lambda: None not in (leads()["logical"], leads()["trigger"]),
+            TAKEOVER_LIMIT,
+            lambda: f"nobody leads: {leads()}\n{first.log()[-2000:]}\n{second.log()[-2000:]}",
+        )
+        h.catch_up(settings, alive=lambda: None if first.alive() and second.alive() else "died")
+        wait_until(
+            lambda: queued(conn, settings) == 0, 30, lambda: "the trigger queue is not drained"
+        )
+        held = leads()
+    assert first.alive() and second.alive()
+    events = [e for e in h.stored_events(settings) if e.op != "schema"]
+    assert sorted((e.table, e.key["id"]) for e in events) == [
+        ("fo_log_a", "1"), ("fo_log_a", "2"), ("fo_trg_a", "1"), ("fo_trg_a", "2"),
+    ]  # fmt: skip
+    assert first.stop() == 0 and second.stop() == 0
+    print(
+        f"\nlock connection terminated: the leader stopped capturing {fenced:.2f}s later;"
+        f" roles led again {again:.2f}s after that, by"
+        f" {['the old leader', 'the standby'][held['logical'] == second.pid]} (logical) and"
+        f" {['the old leader', 'the standby'][held['trigger'] == second.pid]} (trigger)"
     )
 
 
