@@ -308,49 +308,15 @@ def run(
     resync: bool = False,
     web: tuple[str, int] | None = None,
 ) -> None:
-    """Captures the configured watches into the change log, and routes and delivers their
-    events to the sinks, until ``stop`` is set.
+    """Captures the configured watches into the change log, runs due snapshot watches, and
+    routes and delivers events to the sinks, until ``stop`` is set.
 
-    Each part runs in a thread of its own; the first one to fail stops the others, and its
-    error is raised here. Sinks added while running are picked up at the next start.
-    ``web`` serves the web console on ``(host, port)`` beside them.
+    ``web`` serves the web console on ``(host, port)`` beside them. ``pgherald.daemon``
+    does the work (and more: only some parts, reloading, a bound on stopping).
     """
-    capture = Capture(settings, resync=resync, stop=stop)
-    log.info("capturing %s from %s", capture.describe(), settings.redacted_dsn())
-    capture.start()
-    delivery: Delivery | None = None
-    try:
-        delivery = Delivery(settings, stop=stop)
-        if delivery.engine.sinks:
-            log.info("delivering to %s", ", ".join(sorted(delivery.engine.sinks)))
-        delivery.start()
-        threads: list[_SourceThread] = []
-        if web is not None:
-            # Imported here: the console's pages import the admin modules, which import us.
-            from pgherald.web.server import serve as serve_web
+    from pgherald.daemon import Daemon, Roles  # it imports this module
 
-            host, port = web
-            threads.append(
-                _SourceThread(
-                    "pgherald-web",
-                    lambda: serve_web(settings, stop, host=host, port=port),
-                    stop,
-                )
-            )
-            threads[-1].start()
-        while not stop.wait(0.5):
-            pass
-        for t in threads:
-            t.join(15)
-            if t.error is not None:
-                raise t.error
-    finally:
-        stop.set()
-        try:
-            if delivery is not None:
-                delivery.close(timeout=30.0)
-        finally:
-            capture.close(timeout=30.0)
+    Daemon(settings, Roles(web=web), stop=stop, resync=resync).run()
 
 
 class Capture:
@@ -359,14 +325,33 @@ class Capture:
     """
 
     def __init__(
-        self, settings: Settings, resync: bool = False, stop: threading.Event | None = None
+        self,
+        settings: Settings,
+        resync: bool = False,
+        stop: threading.Event | None = None,
+        *,
+        sources: bool = True,
+        snapshots: bool = True,
     ) -> None:
+        """``sources=False`` leaves out the logical, trigger and listen sources and
+        ``snapshots=False`` the snapshot scheduler (``pgherald run --no-capture``,
+        ``--no-snapshots``: the parts run in other processes)."""
         self.settings = settings
         self.stop = stop or threading.Event()
-        logical = logical_watches(settings)
-        triggered = trigger_watches(settings)
-        listened = listen_watches(settings)
-        snapshot = registered_watches(settings, "snapshot")
+        logical = logical_watches(settings) if sources else []
+        triggered = trigger_watches(settings) if sources else []
+        listened = listen_watches(settings) if sources else []
+        snapshot = registered_watches(settings, "snapshot") if snapshots else []
+        if sources and not snapshots and not logical and not triggered and not listened:
+            raise ConfigError(
+                "no logical, trigger or listen watches to capture (snapshot watches are left"
+                " to another process by --no-snapshots): add one with `pgherald watch add`"
+            )
+        if snapshots and not sources and not snapshot:
+            raise ConfigError(
+                "no snapshot watches to run (capture is left to another process by"
+                " --no-capture): add one with `pgherald watch add NAME --query ...`"
+            )
         if not logical and not triggered and not listened and not snapshot:
             raise ConfigError("no watches: add one with `pgherald watch add SCHEMA.TABLE`")
         self.source: LogicalSource | None = (
@@ -405,7 +390,7 @@ class Capture:
             )
 
         # Always there: it also picks up snapshot watches added while pgherald runs.
-        self.scheduler: Scheduler | None = Scheduler(settings)
+        self.scheduler: Scheduler | None = Scheduler(settings) if snapshots else None
         if self.scheduler is not None:
             scheduler = self.scheduler
             self.threads.append(

@@ -12,12 +12,14 @@ are accepted both before and after the command name (``pgherald --dsn X init`` a
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
 import signal
 import sys
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Final, NoReturn, TypeVar
@@ -28,7 +30,7 @@ import psycopg2
 
 from pgherald import __version__, admin, present
 from pgherald.cli_listen import listen
-from pgherald.config import LOG_LEVELS, TABLE_METHODS, Settings, load_settings
+from pgherald.config import LOG_FORMATS, LOG_LEVELS, TABLE_METHODS, Settings, load_settings
 from pgherald.db.connect import connection_failed
 from pgherald.errors import ConfigError, PgHeraldError, WatchError
 from pgherald.events import ChangeEvent
@@ -72,6 +74,12 @@ def connection_options(f: F) -> F:
             "--log-level",
             type=click.Choice(LOG_LEVELS, case_sensitive=False),
             help="Log level (default: info).",
+            **hidden,
+        ),
+        click.option(
+            "--log-format",
+            type=click.Choice(LOG_FORMATS, case_sensitive=False),
+            help="Log format of `run` and `deliver`: text (default) or json (one object a line).",
             **hidden,
         ),
     ]
@@ -137,7 +145,11 @@ def _server_said(e: psycopg.Error | psycopg2.Error) -> str:
 
 
 def _fail(ctx: click.Context, message: str) -> NoReturn:
-    click.echo(f"pgherald: {_one_line(message)}", err=True)
+    if ctx.find_root().meta.get(_LOG_ERRORS_KEY):
+        # `run --log-format json`: every line on stderr is a JSON object, this one too.
+        logging.getLogger("pgherald").error(_one_line(message))
+    else:
+        click.echo(f"pgherald: {_one_line(message)}", err=True)
     ctx.exit(1)
 
 
@@ -515,55 +527,167 @@ def snapshot_run(ctx: click.Context, names: tuple[str, ...]) -> None:
     metavar="HOST:PORT",
     help="Also serve the web console (and feeds) on this address, e.g. 127.0.0.1:8080.",
 )
+@click.option(
+    "--http",
+    "http_address",
+    metavar="HOST:PORT",
+    help="Serve /healthz, /readyz and /metrics (no console, no login) on this address, e.g."
+    " 127.0.0.1:9187.",
+)
+@click.option(
+    "--no-capture",
+    is_flag=True,
+    help="Do not run the logical, trigger and listen sources (another process captures).",
+)
+@click.option(
+    "--no-snapshots",
+    is_flag=True,
+    help="Do not run snapshot watches (another process runs them).",
+)
+@click.option(
+    "--no-delivery",
+    is_flag=True,
+    help="Do not route and deliver events to the sinks (another process delivers).",
+)
+@click.option(
+    "--shutdown-timeout",
+    metavar="DURATION",
+    help="On SIGTERM, wait at most this long (e.g. 30s, 2m) for what is in flight, then give"
+    " it up and exit 1 (default: the configuration's shutdown_timeout, else 30s).",
+)
 @connection_options
 @click.pass_context
-def run(ctx: click.Context, resync: bool, web_address: str | None) -> None:
-    """Capture the watches' changes into the change log until stopped (Ctrl-C, SIGTERM)."""
-    from pgherald import app
+def run(
+    ctx: click.Context,
+    resync: bool,
+    web_address: str | None,
+    http_address: str | None,
+    no_capture: bool,
+    no_snapshots: bool,
+    no_delivery: bool,
+    shutdown_timeout: str | None,
+) -> None:
+    """Capture, run snapshot watches, route and deliver until stopped (Ctrl-C, SIGTERM).
 
-    settings = settings_of(ctx)
-    _setup_logging(settings.log_level)
-    stop = threading.Event()
+    SIGHUP reloads the configuration file. --no-capture, --no-snapshots and --no-delivery
+    leave parts to other processes (`pgherald run --no-capture --no-snapshots` is a
+    delivery worker).
+    """
+    from pgherald import daemon, logs
+    from pgherald.ops.http import parse_address, serving
 
-    def on_signal(signum: int, frame: object) -> None:
-        if stop.is_set():
-            raise KeyboardInterrupt  # a second Ctrl-C: stop now
-        logging.getLogger("pgherald").info("stopping (signal %d)", signum)
-        stop.set()
+    def read_settings() -> Settings:
+        options = dict(ctx.meta.get(_OPTIONS_KEY, {}))
+        config = options.pop("config", None)
+        return load_settings(config, **options).with_overrides(shutdown_timeout=shutdown_timeout)
 
-    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    settings = read_settings()
+    ctx.meta["pgherald.settings"] = settings
+    logs.setup(settings.log_level, settings.log_format)
+    ctx.meta[_LOG_ERRORS_KEY] = settings.log_format == "json"
+    roles = daemon.Roles(
+        capture=not no_capture,
+        snapshots=not no_snapshots,
+        delivery=not no_delivery,
+        web=_address(web_address),
+    )
+    roles.check()
+    herald = daemon.Daemon(settings, roles, resync=resync, reload=read_settings)
+    expect = [p for p, on in (("capture", roles.capture or roles.snapshots),
+                              ("delivery", roles.delivery)) if on]  # fmt: skip
+    with _signals(herald), serving(settings, parse_address(http_address), expect):
+        try:
+            herald.run()
+        except daemon.ShutdownIncomplete:
+            # Threads that did not stop may hold the interpreter's exit: leave now (the
+            # server rolls back what their connections had open).
+            _exit_now(1)
+
+
+_LOG_ERRORS_KEY: Final = "pgherald.log_errors"
+"""Set when errors are to be logged (JSON lines) rather than printed as a plain line."""
+
+
+@contextlib.contextmanager
+def _signals(herald: Any) -> Iterator[None]:
+    """SIGTERM and SIGINT stop ``herald`` (a second one exits at once), SIGHUP reloads it.
+
+    The handlers only set flags: the work happens in the daemon's loop, in the main thread.
+    """
+    log = logging.getLogger("pgherald")
+    signalled: list[int] = []
+
+    def on_stop(signum: int, frame: object) -> None:
+        if signalled:
+            log.warning("second signal: stopping at once; what was in flight is redone next run")
+            _exit_now(1)
+        signalled.append(signum)
+        herald.request_stop(signum)
+        # The last resort, should stopping itself hang past the bound.
+        timer = threading.Timer(herald.settings.shutdown_timeout + 10, _exit_now, (1,))
+        timer.daemon = True
+        timer.start()
+
+    def on_reload(signum: int, frame: object) -> None:
+        herald.request_reload()
+
+    handlers: dict[int, Any] = {signal.SIGINT: on_stop, signal.SIGTERM: on_stop}
+    if hasattr(signal, "SIGHUP") and hasattr(herald, "request_reload"):
+        handlers[signal.SIGHUP] = on_reload
+    previous = {s: signal.signal(s, h) for s, h in handlers.items()}
     try:
-        app.run(settings, stop, resync=resync, web=_address(web_address))
+        yield
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
-    logging.getLogger("pgherald").info("stopped")
+
+
+def _exit_now(status: int) -> NoReturn:
+    """Flushes the logs and ends the process without waiting for other threads."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
+
+
+class _Stopper:
+    """What ``_signals`` needs of a long-running command that has no daemon (``deliver``)."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.stop = threading.Event()
+
+    def request_stop(self, signum: int | None = None) -> None:
+        logging.getLogger("pgherald").info("stopping (signal %d)", signum or 0)
+        self.stop.set()
 
 
 @main.command()
 @click.option("--sink", "sinks", multiple=True, help="Only this sink (repeatable).")
+@click.option(
+    "--http",
+    "http_address",
+    metavar="HOST:PORT",
+    help="Serve /healthz, /readyz and /metrics on this address, e.g. 127.0.0.1:9188.",
+)
 @connection_options
 @click.pass_context
-def deliver(ctx: click.Context, sinks: tuple[str, ...]) -> None:
+def deliver(ctx: click.Context, sinks: tuple[str, ...], http_address: str | None) -> None:
     """Route and deliver the change log's events to the sinks, without capturing.
 
     For running delivery workers apart from capture (several may run: they share the
     load); `pgherald run` does both.
     """
-    from pgherald import app
+    from pgherald import app, daemon, logs
+    from pgherald.ops.http import parse_address, serving
 
     settings = settings_of(ctx)
-    _setup_logging(settings.log_level)
-    stop = threading.Event()
-
-    def on_signal(signum: int, frame: object) -> None:
-        if stop.is_set():
-            raise KeyboardInterrupt
-        logging.getLogger("pgherald").info("stopping (signal %d)", signum)
-        stop.set()
-
-    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
+    logs.setup(settings.log_level, settings.log_format)
+    ctx.meta[_LOG_ERRORS_KEY] = settings.log_format == "json"
+    logs.add_secrets(daemon.secrets_of(settings))
+    stopper = _Stopper(settings)
+    stop = stopper.stop
+    with _signals(stopper), serving(settings, parse_address(http_address), ["delivery"]):
         delivery = app.Delivery(settings, stop=stop, sinks=list(sinks) or None)
         logging.getLogger("pgherald").info(
             "delivering to %s", ", ".join(sorted(delivery.engine.sinks)) or "no sink"
@@ -571,12 +695,10 @@ def deliver(ctx: click.Context, sinks: tuple[str, ...]) -> None:
         delivery.start()
         try:
             while not stop.wait(0.5):
-                pass
+                if delivery.errors:
+                    break
         finally:
             delivery.close()
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
     logging.getLogger("pgherald").info("stopped")
 
 
@@ -587,14 +709,6 @@ def _address(text: str | None) -> tuple[str, int] | None:
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise ConfigError(f"--web {text!r} is not HOST:PORT (e.g. 127.0.0.1:8080)")
     return host.strip("[]"), int(port)
-
-
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level.upper(),
-        stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
 
 
 # -- reading the change log --------------------------------------------------------------------

@@ -15,6 +15,7 @@ and whatever it leaves out (host, user, password, ...) comes from the ``PG*`` va
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
@@ -30,6 +31,7 @@ means logical where the server and the role allow it, else trigger, decided at `
 
 TABLE_METHODS: Final[tuple[str, ...]] = get_args(TableMethod)
 LOG_LEVELS: Final[tuple[str, ...]] = ("debug", "info", "warning", "error")
+LOG_FORMATS: Final[tuple[str, ...]] = ("text", "json")
 DEFAULT_CONFIG_FILE: Final = "pgherald.toml"
 ENV_PREFIX: Final = "PGHERALD_"
 
@@ -95,6 +97,11 @@ class Settings:
     batch_size: int = 5000
     batch_interval: float = 0.2
     log_level: str = "info"
+    log_format: str = "text"
+    """``text`` (one readable line per record) or ``json`` (one JSON object per line)."""
+    shutdown_timeout: float = 30.0
+    """Seconds ``pgherald run`` waits for in-flight work after SIGTERM before it gives up on
+    it (what it abandons is released and redone by the next run) and exits non-zero."""
     locale: str = "en"
     """How people-facing pages, feeds and mails write numbers and dates (a Babel locale)."""
     timezone: str = "UTC"
@@ -153,6 +160,8 @@ _SCALAR_FIELDS: Final[dict[str, type]] = {
     "batch_size": int,
     "batch_interval": float,
     "log_level": str,
+    "log_format": str,
+    "shutdown_timeout": float,
     "locale": str,
     "timezone": str,
     "templates_dir": str,
@@ -165,6 +174,8 @@ _WATCH_KEYS: Final = frozenset(f.name for f in fields(WatchSpec))
 def _coerce(key: str, value: Any, where: str) -> Any:
     """Turns a raw value (TOML value, environment text, flag) into the setting's type."""
     kind = _SCALAR_FIELDS[key]
+    if key == "shutdown_timeout":
+        return _duration(value, where)
     if kind is int:
         if isinstance(value, bool):
             raise ConfigError(f"{where} must be a whole number, not {value!r}")
@@ -196,6 +207,10 @@ def _coerce(key: str, value: Any, where: str) -> Any:
         if level not in LOG_LEVELS:
             raise ConfigError(f"{where} must be one of {', '.join(LOG_LEVELS)}, not {value!r}")
         return level
+    if key == "log_format":
+        if value.lower() not in LOG_FORMATS:
+            raise ConfigError(f"{where} must be one of {', '.join(LOG_FORMATS)}, not {value!r}")
+        return value.lower()
     if key in _NAME_FIELDS:
         return check_object_name(value, where)
     if key == "locale":
@@ -215,6 +230,35 @@ def _coerce(key: str, value: Any, where: str) -> Any:
                 f"{where}: unknown time zone {value!r} (an IANA name, e.g. Europe/Berlin)"
             ) from None
     return value
+
+
+_DURATION_PART: Final = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
+_DURATION_UNITS: Final = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def _duration(value: Any, where: str) -> float:
+    """Seconds from a number or a duration text (``"30s"``, ``"2m"``, ``"1m30s"``, ``"45"``),
+    between 0 (exclusive) and one hour."""
+    seconds: float | None = None
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        seconds = float(value)
+    elif isinstance(value, str):
+        text = value.strip().lower().replace(" ", "")
+        try:
+            seconds = float(text)
+        except ValueError:
+            pos, total = 0, 0.0
+            for match in _DURATION_PART.finditer(text):
+                if match.start() != pos:
+                    break
+                total += float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+                pos = match.end()
+            seconds = total if text and pos == len(text) else None
+    if seconds is None:
+        raise ConfigError(f'{where} must be a duration like "30s", "2m" or "1m30s", not {value!r}')
+    if not 0 < seconds <= 3600:
+        raise ConfigError(f"{where} must be more than 0 and at most 1 hour, not {value!r}")
+    return seconds
 
 
 def _method(value: str, where: str) -> TableMethod:

@@ -41,6 +41,7 @@ import contextlib
 import logging
 import random
 import threading
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -112,6 +113,14 @@ _ASYNC_COMMIT: Final = "SET LOCAL synchronous_commit TO off"
 """The claim's transaction does not wait for the WAL flush at COMMIT (module docstring)."""
 
 
+async def _pause(stop: threading.Event, seconds: float) -> None:
+    """Sleeps ``seconds``, or less when ``stop`` is set meanwhile (so stopping never waits
+    out a retry delay)."""
+    deadline = time.monotonic() + seconds
+    while not stop.is_set() and (left := deadline - time.monotonic()) > 0:  # noqa: ASYNC110 (a threading.Event)
+        await asyncio.sleep(min(left, 0.1))
+
+
 def _one_line(e: BaseException) -> str:
     text = str(e).strip()
     return text.splitlines()[0] if text else type(e).__name__
@@ -172,6 +181,10 @@ class DeliveryEngine:
                 failed = [t for t in tasks if t.done() and t.exception() is not None]
                 if failed:
                     raise failed[0].exception()  # type: ignore[misc]
+            # Stopping: each sink's loop ends after the batch it is sending is recorded
+            # (claims it made ahead are rolled back with their connection). A send that
+            # outlasts the shutdown bound is cancelled: its claim is released, unrecorded.
+            await asyncio.wait(tasks, timeout=self.settings.shutdown_timeout)
         finally:
             for t in tasks:
                 t.cancel()
@@ -212,7 +225,7 @@ class DeliveryEngine:
                 log.warning(
                     "sink %s cannot start (%s); retrying in %.1fs", name, _one_line(e), delay
                 )
-                await asyncio.sleep(delay)
+                await _pause(stop, delay)
                 delay = min(delay * 2, 30.0)
         delay = 0.5
         while not stop.is_set():
@@ -221,7 +234,7 @@ class DeliveryEngine:
                 return
             except (psycopg.OperationalError, ConnectionFailed) as e:
                 log.warning("delivery to %s lost the store (%s); retrying", name, _one_line(e))
-                await asyncio.sleep(delay)
+                await _pause(stop, delay)
                 delay = min(delay * 2, 30.0)
 
     async def _deliver_loop(

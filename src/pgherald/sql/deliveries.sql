@@ -37,6 +37,15 @@ ORDER BY name
 -- name: remove_sink
 DELETE FROM sinks WHERE name = %(name)s RETURNING name
 
+-- name: update_sink
+-- A sink's definition changed (a configuration reload); its deliveries stay as they are.
+UPDATE sinks
+SET kind = %(kind)s, format = %(format)s, config = %(config)s,
+    strictly_ordered = %(strictly_ordered)s, max_attempts = %(max_attempts)s,
+    enabled = %(enabled)s
+WHERE name = %(name)s
+RETURNING name
+
 -- name: subscribe
 INSERT INTO subscriptions (sink, watch, filter, ignore_columns, from_event)
 VALUES (%(sink)s, %(watch)s, %(filter)s, %(ignore_columns)s,

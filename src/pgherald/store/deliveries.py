@@ -142,6 +142,24 @@ def remove_sink(conn: psycopg.Connection[Any], schema: str, name: str) -> bool:
         return conn.execute(_q("remove_sink"), {"name": name}).fetchone() is not None
 
 
+def update_sink(conn: psycopg.Connection[Any], schema: str, sink: StoredSink) -> bool:
+    """Replaces a sink's definition and enabled flag; False when there is no such sink."""
+    with in_schema(conn, schema):
+        row = conn.execute(
+            _q("update_sink"),
+            {
+                "name": sink.name,
+                "kind": sink.kind,
+                "format": sink.format,
+                "config": Jsonb(sink.options),
+                "strictly_ordered": sink.strictly_ordered,
+                "max_attempts": sink.max_attempts,
+                "enabled": sink.enabled,
+            },
+        ).fetchone()
+    return row is not None
+
+
 def subscribe(
     conn: psycopg.Connection[Any],
     schema: str,

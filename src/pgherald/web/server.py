@@ -40,6 +40,7 @@ class Server:
             host=host,
             port=port,
             log_level="warning",
+            log_config=None,  # its records go to pgherald's handlers (format, redaction)
             access_log=False,
             timeout_graceful_shutdown=3,
             lifespan="on",
