@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -179,6 +180,7 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--amqp-url", default=DEFAULT_URL)
     args = parser.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))  # clean up (workers, cluster) on kill
     counts = [int(n) for n in args.workers.split(",")]
     cluster = c.start_cluster()
     runs: dict[int, list[Run]] = {n: [] for n in counts}
