@@ -11,7 +11,7 @@ import socket
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -87,17 +87,20 @@ class Receiver:
 class Daemon(h.CaptureProcess):
     """``pgherald run ARGS`` as a subprocess (``CaptureProcess``), with helpers to signal
     it, time its exit and read its log. With ``config``, it is started with only
-    ``--config FILE`` (no connection flags, which would override the file's)."""
+    ``--config FILE`` and ``flags`` (no connection flags, which would override the
+    file's, unless ``flags`` has them)."""
 
     def __init__(
         self,
         settings: Settings,
         *args: str,
         config: Path | None = None,
+        flags: Sequence[str] = (),
         env: Mapping[str, str] | None = None,
     ) -> None:
         super().__init__(settings, *args, env=env)
         self.config = config
+        self.flags = tuple(flags)
 
     def start(self) -> Daemon:
         super().start()
@@ -106,7 +109,7 @@ class Daemon(h.CaptureProcess):
     def command(self) -> list[str]:
         if self.config is None:
             return super().command()
-        return [str(h.PGHERALD), "--config", str(self.config), "run", *self.args]
+        return [str(h.PGHERALD), "--config", str(self.config), *self.flags, "run", *self.args]
 
     def signal(self, signum: int) -> None:
         assert self.proc is not None

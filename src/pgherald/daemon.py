@@ -118,9 +118,11 @@ def notify(*states: str) -> bool:
 
 
 def secrets_of(settings: Settings) -> set[str]:
-    """Every secret the configuration holds: the DSN's password, secrets in the sinks'
-    options, and the passwords libpq and the web console take from the environment."""
+    """Every secret the configuration holds: the DSN's password, the ``[smtp]`` password,
+    secrets in the sinks' options, and the passwords libpq and the web console take from
+    the environment."""
     found = logs.secrets_in_dsn(settings.dsn)
+    found |= logs.secrets_in_options(settings.smtp)  # [smtp]: the mail server's login
     for sink in settings.sinks:
         found |= logs.secrets_in_options(sink.options)
     for name in ("PGPASSWORD", "PGHERALD_WEB_SECRET"):

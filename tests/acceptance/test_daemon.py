@@ -270,6 +270,7 @@ SECRETS = {
     "smtp": "Smtp-Secret-4715",
     "reload": "Reload-Secret-4716",
     "pgpassword": "Env-Secret-4717",
+    "settings_smtp": "Smtp-Settings-4718",
 }
 
 
@@ -279,6 +280,14 @@ dsn = {toml_string(dsn)}
 slot = {toml_string(settings.slot)}
 log_level = "debug"
 log_format = "{fmt}"
+
+[smtp]
+host = "127.0.0.1"
+port = {smtp_port}
+starttls = true
+username = "herald"
+password = "{SECRETS["settings_smtp"]}"
+from = "herald@example.com"
 
 [[sink]]
 name = "bus"
@@ -306,6 +315,17 @@ username = "herald"
 password = "{SECRETS["smtp"]}"
 from = "herald@example.com"
 to = "ops@example.com"
+
+[[sink]]
+name = "self-mail"
+kind = "email"
+[sink.options]
+smtp = "settings"
+to = "me@example.com"
+
+[[subscription]]
+sink = "self-mail"
+watches = ["t"]
 
 [[subscription]]
 sink = "bus"
@@ -344,10 +364,11 @@ def test_no_secret_in_the_logs(db: Database, tmp_path: Path, fmt: str) -> None:
         db.execute("INSERT INTO t SELECT generate_series(1, 3)")
         wait_for(lambda: failing.requests >= 3, "the webhook's failed attempts")
         daemon.wait_log("sink bus cannot start")  # the broker refused the password
-        wait_for(
-            lambda: d.delivery_statuses(settings, "mail").get("failed", 0) > 0,
-            "a failed e-mail delivery",
-        )
+        for mail in ("mail", "self-mail"):
+            wait_for(
+                lambda: d.delivery_statuses(settings, mail).get("failed", 0) > 0,  # noqa: B023
+                f"a failed delivery to {mail}",
+            )
         for bad in (
             good.replace("dsn = ", f'dsn = "host=elsewhere password={SECRETS["reload"]}"\n#'),
             good.replace('url = "amqp://', f'url = "ftp://u:{SECRETS["reload"]}@127.0.0.1/"\n#', 1),

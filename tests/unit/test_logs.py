@@ -72,9 +72,11 @@ def test_secrets_found_in_settings() -> None:
             _sink("hook", {"url": "https://h/x", "headers": {"Authorization": "Bearer Tok-3333"}}),
             _sink("mail", {"host": "smtp", "password": "Smtp-Pass-4", "username": "me"}),
         ),
+        smtp={"host": "mail.example.com", "username": "herald", "password": "Smtp-Pass-6"},
     )
     found = secrets_of(settings)
-    for value in ("Dsn-Pass-1", "Amqp-Pass-2", "Bearer Tok-3333", "Tok-3333", "Smtp-Pass-4"):
+    for value in ("Dsn-Pass-1", "Amqp-Pass-2", "Bearer Tok-3333", "Tok-3333", "Smtp-Pass-4",
+                  "Smtp-Pass-6"):  # fmt: skip
         assert value in found
     assert "me" not in found and "https://h/x" not in found
     assert logs.secrets_in_dsn("postgresql://u:Uri-Pass-5@h/d") == {"Uri-Pass-5"}

@@ -49,6 +49,7 @@ from typing import Any, Final
 
 import psycopg
 
+from pgherald import logs
 from pgherald.config import Settings
 from pgherald.db.connect import connect
 from pgherald.db.types import TypeRegistry
@@ -216,6 +217,7 @@ class DeliveryEngine:
             await asyncio.wait_for(self._wakes[name].wait(), self.poll)
 
     async def _serve(self, name: str, sink: Sink, cfg: StoredSink, stop: threading.Event) -> None:
+        logs.bind(sink=name)  # this task's log records say which sink they are about
         delay = 0.5
         while not stop.is_set():
             try:
