@@ -469,15 +469,28 @@ class Capture:
         return self
 
     def wait_ready(self, timeout: float = 30.0) -> None:
-        """Returns once every source is connected; raises what stopped one otherwise."""
+        """Returns once every source this process leads is connected (a part that another
+        instance leads is ready by standing by); raises what stopped one otherwise."""
         deadline = time.monotonic() + timeout
-        sources = (self.source, self.trigger, self.listen, self.scheduler)
-        events = [s.connected for s in sources if s is not None]
-        while not all(e.wait(0.05) for e in events):
+        parts = [
+            (self.leadership.roles[name], source.connected)
+            for name, source in (
+                (logical_source_name(self.settings), self.source),
+                (trigger_source_name(self.settings), self.trigger),
+                (listen_checkpoint_name(self.settings.schema), self.listen),
+                ("snapshots", self.scheduler),
+            )
+            if source is not None
+        ]
+        while not all(
+            role.decided.is_set() and (connected.is_set() or not role.leading.is_set())
+            for role, connected in parts
+        ):
             if self.errors:
                 raise self.errors[0]
             if time.monotonic() > deadline:
                 raise TimeoutError("capture did not start in time")
+            time.sleep(0.02)
 
     def close(self, timeout: float = 10.0) -> None:
         status.unregister(self)

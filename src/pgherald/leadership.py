@@ -109,6 +109,8 @@ class Role:
         """Set while this process holds the lock."""
         self.term = threading.Event()
         """Set when the current term ends (lock lost, or stopping): the source's stop."""
+        self.decided = threading.Event()
+        """Set once the lock was tried: this process leads, or knows it stands by."""
         self.terms = 0
         self.holder: Holder | None = None
         self.since: float | None = None
@@ -171,19 +173,14 @@ class Leadership:
 
     # -- the source's side --------------------------------------------------------------
 
-    def lead(
-        self,
-        role: Role,
-        body: Callable[[threading.Event], None],
-        *,
-        retryable: Callable[[BaseException], bool] = lambda e: False,
-    ) -> None:
+    def lead(self, role: Role, body: Callable[[threading.Event], None]) -> None:
         """Runs ``body(term)`` whenever this process leads ``role``, until ``stop``.
 
         ``body`` must return soon after ``term`` is set. An error it raises after its term
-        ended (the lock was lost under it) is logged and the role waits to lead again;
-        one that ``retryable`` accepts hands the role to another instance for a while; any
-        other ends the role and is raised.
+        ended (the lock was lost under it) is logged and the role waits to lead again; a
+        lost or refused connection (the server restarting) gives the role up for a moment,
+        so that it is tried again, here or by another instance; any other error ends the
+        role and is raised.
         """
         self._want(role, True)
         try:
@@ -197,11 +194,12 @@ class Leadership:
                     if term.is_set() and not self.stop.is_set():
                         log.warning("%s ended after losing the lead: %s", role.title, _line(e))
                         continue
-                    if not retryable(e):
+                    if not isinstance(e, psycopg.OperationalError | ConnectionFailed):
                         raise
-                    log.error("%s: %s; letting another instance lead it", role.title, _line(e))
+                    pause = max(self.retry * 2, 1.0)
+                    log.warning("%s: %s; trying again in %.0f s", role.title, _line(e), pause)
                     self._want(role, False)
-                    self.stop.wait(max(self.retry * 5, 1.0))
+                    self.stop.wait(pause)
                     self._want(role, True)
                     continue
                 if not term.is_set():
@@ -316,6 +314,7 @@ class Leadership:
                 waited = role._waiting_since
                 role._waiting_since = None
                 role.leading.set()
+            role.decided.set()
             after = f" after standing by {now - waited:.1f} s" if waited is not None else ""
             log.info("leading %s%s", role.title, after)
             return
@@ -328,6 +327,7 @@ class Leadership:
         if holder is not None and holder != role.holder:
             role.holder = holder
             log.info("waiting to lead %s (held by %s)", role.title, holder.describe())
+        role.decided.set()
 
     def _wait(self, conn: psycopg.Connection[Any]) -> None:
         """Until the next tick: ``check`` seconds, or at once when a source wants to lead,

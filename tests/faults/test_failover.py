@@ -43,7 +43,7 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from pgherald import admin, routing_admin
+from pgherald import admin, app, routing_admin
 from pgherald.config import Settings
 from pgherald.db.sqlfiles import named_query
 from pgherald.events import ChangeEvent
@@ -641,6 +641,46 @@ def test_a_leader_that_loses_its_lock_connection_stops_capturing(
         f" {['the old leader', 'the standby'][held['logical'] == second.pid]} (logical) and"
         f" {['the old leader', 'the standby'][held['trigger'] == second.pid]} (trigger)"
     )
+
+
+def test_an_in_process_capture_stands_by_while_a_daemon_leads(
+    db_primary: Database, pair: Callable[..., h.CaptureProcess]
+) -> None:
+    """``app.Capture`` (the Python API's, the demo's) is ready at once as a standby, and
+    takes over when the daemon stops."""
+    db_primary.execute("CREATE TABLE fo_api (id int PRIMARY KEY)")
+    settings = h.install(
+        db_primary.dsn,
+        ["public.fo_api"],
+        settings=h.settings_for(db_primary.dsn, method="trigger"),
+        slot=False,
+    )
+    daemon = pair(settings).start()
+    daemon.wait_ready(timeout=60)
+    capture = app.Capture(settings).start()
+    try:
+        started = time.monotonic()
+        capture.wait_ready(timeout=20)
+        ready = time.monotonic() - started
+        assert capture.trigger is not None and not capture.trigger.connected.is_set()
+        assert capture.leadership.status()["trigger:pgherald"].startswith(
+            f"standby (held by pid {daemon.pid} on host"
+        ), capture.leadership.status()
+        db_primary.execute("INSERT INTO fo_api VALUES (1)")
+        h.catch_up(settings, alive=lambda: None if daemon.alive() else daemon.log())
+        assert daemon.stop() == 0, daemon.log()[-3000:]
+        wait_until(
+            lambda: capture.trigger is not None and capture.trigger.connected.is_set(),
+            TAKEOVER_LIMIT,
+            lambda: f"no takeover: {capture.leadership.status()}",
+        )
+        db_primary.execute("INSERT INTO fo_api VALUES (2)")
+        h.catch_up(settings, alive=lambda: h.capture_problem(capture))
+    finally:
+        capture.close()
+    keys = [e.key["id"] for e in h.stored_events(settings) if e.table == "fo_api"]
+    assert keys == ["1", "2"]
+    print(f"\nin-process capture ready as a standby in {ready:.2f}s")
 
 
 # -- delivery in both instances ---------------------------------------------------------------
