@@ -23,7 +23,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from pgherald import routing_admin
 from pgherald.config import Settings
 from tests import capture_harness as h
-from tests.acceptance._cli import assert_ok, cli
+from tests.acceptance._cli import assert_fails, assert_ok, cli
 from tests.conftest import Database
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
@@ -272,3 +272,16 @@ def test_a_database_that_does_not_answer_is_a_gauge_not_a_failed_scrape() -> Non
     assert time.monotonic() - started < 10
     assert "pgherald_database_up 0.0" in text
     assert "pgherald_capture_lag_bytes" not in text
+
+
+def test_an_address_in_use_is_one_clear_error(db: Database) -> None:
+    db.execute("CREATE TABLE t (id int PRIMARY KEY)")
+    h.install(db.dsn, ["t"], settings=h.settings_for(db.dsn, method="trigger"), slot=False)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        for command in ("run", "deliver"):
+            result = cli(command, "--http", f"127.0.0.1:{port}", dsn=db.dsn)
+            assert_fails(result, f"cannot serve health and metrics on 127.0.0.1:{port}", "in use")
+    assert_fails(cli("run", "--http", "9187", dsn=db.dsn), "--http '9187' is not HOST:PORT")

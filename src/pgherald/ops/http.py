@@ -16,8 +16,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
+import socket
 import threading
+import time
 from collections.abc import Iterator, Sequence
 
 import uvicorn
@@ -66,24 +69,32 @@ def create_app(settings: Settings, expect: Sequence[str] = ()) -> Starlette:
 
 class OpsServer:
     """The endpoints served by uvicorn in a thread of their own (no signal handlers: the
-    caller owns signals). ``port`` 0 picks a free port, known once ``start`` returned."""
+    caller owns signals). ``port`` 0 picks a free port.
+
+    The listening socket is bound here, before uvicorn starts, so that an address in use
+    is one clear error (uvicorn would log its own and end its thread).
+    """
 
     def __init__(
         self, settings: Settings, host: str, port: int, expect: Sequence[str] = ()
     ) -> None:
+        self.socket = _listen(host, port)
+        self.host = host
+        self.port = int(self.socket.getsockname()[1])
         config = uvicorn.Config(
             create_app(settings, expect),
-            host=host,
-            port=port,
             log_level="warning",
             access_log=False,
             timeout_graceful_shutdown=2,
             lifespan="off",
         )
         self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, name="pgherald-http", daemon=True)
-        self.host = host
-        self.port = port
+        self.thread = threading.Thread(
+            target=self.server.run,
+            kwargs={"sockets": [self.socket]},
+            name="pgherald-http",
+            daemon=True,
+        )
 
     @property
     def url(self) -> str:
@@ -92,24 +103,40 @@ class OpsServer:
 
     def start(self, timeout: float = 30.0) -> OpsServer:
         self.thread.start()
+        deadline = time.monotonic() + timeout
         while not self.server.started:
             if not self.thread.is_alive():
-                raise ConfigError(
-                    f"cannot serve health and metrics on {self.host}:{self.port}: the address"
-                    " is in use, or not one of this machine's"
-                )
-            self.thread.join(0.02)
-            timeout -= 0.02
-            if timeout <= 0:
+                raise ConfigError(f"cannot serve health and metrics on {self.host}:{self.port}")
+            if time.monotonic() > deadline:
                 raise TimeoutError("the health and metrics server did not start in time")
-        sockets = [s for server in self.server.servers for s in server.sockets]
-        if sockets and self.port == 0:
-            self.port = int(sockets[0].getsockname()[1])
+            self.thread.join(0.02)
         return self
 
     def stop(self, timeout: float = 10.0) -> None:
         self.server.should_exit = True
         self.thread.join(timeout)
+        self.socket.close()
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """A socket bound to ``host:port`` (IPv4 or IPv6, as the host resolves)."""
+    try:
+        family, kind, proto, _, where = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+    except socket.gaierror as e:
+        reason = e.strerror or str(e)
+        raise ConfigError(f"cannot serve health and metrics on {host}:{port}: {reason}") from None
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(where)
+        sock.set_inheritable(True)
+    except OSError as e:
+        sock.close()
+        reason = "the address is in use" if e.errno == errno.EADDRINUSE else e.strerror or e
+        raise ConfigError(f"cannot serve health and metrics on {host}:{port}: {reason}") from None
+    return sock
 
 
 @contextlib.contextmanager
