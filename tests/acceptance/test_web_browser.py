@@ -1,28 +1,41 @@
 """The web console in a real browser: Debian's headless Chromium, driven by Playwright.
 
-Signs in, adds a watch through the form, changes a row in the database and sees the change
-arrive live (no reload), opens the row's history; and saves screenshots of the main pages
-at desktop and phone width under tests/artifacts/web/. Without Chromium this fails: CI
-installs it (.ci/services), and a browser test that skips proves nothing.
+Signs in, adds a watch through the form, subscribes to it by feed on "My subscriptions"
+and reads the feed's address off the page, changes a row in the database and sees the
+change arrive live (no reload), opens the row's history, and fetches the feed (httpx) and
+parses it (feedparser); and saves screenshots of the main pages at desktop and phone width
+under tests/artifacts/web/ (ignored by git), or under $PGHERALD_TEST_ARTIFACTS/web. Without
+Chromium this fails: CI installs it (.ci/services), and a browser test that skips proves
+nothing.
 """
 
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import feedparser
+import httpx
 import pytest
 from playwright.sync_api import Browser, Page, expect, sync_playwright
 
 from pgherald import admin, app
 from pgherald.config import Settings
+from pgherald.presentation import update_display
 from pgherald.web import accounts
 from pgherald.web.server import Server
 from tests.conftest import Database
 
 CHROMIUM = Path(os.environ.get("PGHERALD_CHROMIUM", "/usr/bin/chromium"))
-ARTIFACTS = Path(__file__).resolve().parents[1] / "artifacts" / "web"
+ARTIFACTS = (
+    Path(
+        os.environ.get("PGHERALD_TEST_ARTIFACTS")
+        or Path(__file__).resolve().parents[1] / "artifacts"
+    )
+    / "web"
+)
 PASSWORD = "a long enough password"
 PHONE = {"width": 390, "height": 844}
 DESKTOP = {"width": 1280, "height": 860}
@@ -50,7 +63,7 @@ def console(db_primary: Database) -> Iterator[tuple[Settings, str, Database]]:
         "INSERT INTO public.staff VALUES (1, 'Ada Lovelace', 'Research', 5000),"
         " (2, 'Grace Hopper', 'Navy', 6100), (3, 'שלום <script>x</script>', 'Ops', 10)"
     )
-    settings = Settings(dsn=db.dsn)
+    settings = Settings(dsn=db.dsn, timezone="Europe/Berlin")
     admin.init(settings)
     accounts.add_user(settings, "ada", PASSWORD, "admin")
     server = Server(settings, port=0).start()
@@ -98,19 +111,37 @@ def test_sign_in_add_a_watch_and_see_changes_live(
     expect(page.get_by_role("heading", name="Watch added")).to_be_visible()
     expect(page.get_by_role("status")).to_contain_text("staff")
     shot(page, "watch-added")
+    update_display(settings, "staff", label="{name}")  # rows are shown by their label
+
+    # subscribe to it by feed, and read the feed's address off the page
+    page.get_by_role("link", name="My subscriptions").click()
+    expect(page.get_by_role("heading", name="My subscriptions", exact=True)).to_be_visible()
+    page.get_by_label("Watch", exact=True).select_option("staff")
+    page.get_by_label("a feed (Atom and RSS)").check()
+    page.get_by_role("button", name="Subscribe").click()
+    expect(page.get_by_role("status")).to_contain_text("Subscribed.")
+    feed_url = page.get_by_label("Atom feed address").input_value()
+    assert feed_url.startswith(base + "/feeds/") and feed_url.endswith(".atom")
+    expect(page.locator("main")).to_contain_text("a feed (Atom and RSS)")
+    shot(page, "my-subscriptions")
 
     capture = app.Capture(settings).start()
+    delivery = app.Delivery(settings).start()
     try:
         capture.wait_ready()
-        page.get_by_role("link", name="See its changes").click()
+        delivery.wait_ready()
+        page.get_by_role("link", name="Changes", exact=True).click()
+        page.get_by_label("Watch", exact=True).select_option("staff")
+        page.get_by_role("button", name="Show changes").click()
         expect(page.locator("#live-status")).to_contain_text("Live")
         page.evaluate("window.__notReloaded = true")
 
         db.execute("UPDATE public.staff SET salary = 5250.00 WHERE id = 1")
         row = page.locator("#change-rows tr", has_text="salary")
         expect(row).to_have_count(1, timeout=20_000)
-        expect(row).to_contain_text("5000.00")
-        expect(row).to_contain_text("5250.00")
+        expect(row).to_contain_text("5,000.00")  # numbers as the locale writes them
+        expect(row).to_contain_text("5,250.00")
+        expect(row).to_contain_text("CE")  # times in the configured zone (CET or CEST)
         db.execute("INSERT INTO public.staff VALUES (4, 'Alan Turing', 'Bletchley', 4200)")
         expect(page.locator("#change-rows tr", has_text="Alan Turing")).to_have_count(
             1, timeout=20_000
@@ -119,10 +150,27 @@ def test_sign_in_add_a_watch_and_see_changes_live(
         assert page.evaluate("window.__notReloaded") is True  # arrived without a reload
         shot(page, "changes-live")
 
-        row.get_by_role("link", name="id=1").click()
-        expect(page.get_by_role("heading", name="History of id=1 in staff")).to_be_visible()
-        expect(page.locator("main")).to_contain_text("5250.00")
+        row.get_by_role("link", name="Ada Lovelace").click()
+        expect(page.get_by_role("heading", name="History of Ada Lovelace in staff")).to_be_visible()
+        expect(page.locator("main")).to_contain_text("5,250.00")
         shot(page, "row-history")
+
+        # the feed: fetched as a feed reader would (no session), valid, with the change
+        deadline = time.monotonic() + 30
+        while True:
+            fetched = httpx.get(feed_url, timeout=10)
+            assert fetched.status_code == 200
+            assert fetched.headers["content-type"].startswith("application/atom+xml")
+            parsed = feedparser.parse(fetched.content)
+            assert not parsed.bozo, parsed.bozo_exception
+            if len(parsed.entries) == 2:
+                break
+            assert time.monotonic() < deadline, parsed.entries
+            time.sleep(0.2)
+        titles = [e.title for e in parsed.entries]
+        assert titles == ["staff: Alan Turing added", "staff: Ada Lovelace changed"], titles
+        assert "5,250.00" in parsed.entries[1].summary
+        assert "5,000.00" in parsed.entries[1].summary
 
         page.goto(base + "/")
         expect(page.locator("#watch-rows")).to_contain_text("staff")
@@ -136,13 +184,19 @@ def test_sign_in_add_a_watch_and_see_changes_live(
             ("dashboard", "/"),
             ("changes", "/changes"),
             ("add-watch", "/watches/new"),
+            ("my-subscriptions", "/my"),
+            ("my-deliveries", "/my/deliveries"),
         ]:
             small.goto(base + path)
             width = small.evaluate("document.documentElement.scrollWidth")
             assert width <= PHONE["width"], (path, width)  # nothing wider than the phone
             shot(small, f"phone-{name}")
         phone.close()
+        page.goto(base + "/my/deliveries")
+        expect(page.locator("main")).to_contain_text("delivered")
+        shot(page, "my-deliveries")
     finally:
+        delivery.close()
         capture.close()
         context.close()
     assert errors == [], errors  # no script error, no CSP violation
@@ -165,7 +219,16 @@ def test_keyboard_and_labels(browser: Browser, console: tuple[Settings, str, Dat
     assert page.evaluate("document.activeElement.textContent") == "Skip to content"
     page.keyboard.press("Enter")
     assert page.evaluate("document.activeElement.id") == "main"
-    for path in ["/", "/changes", "/watches/new", "/users", "/subscriptions", "/deliveries"]:
+    for path in [
+        "/",
+        "/changes",
+        "/watches/new",
+        "/users",
+        "/subscriptions",
+        "/deliveries",
+        "/my",
+        "/my/deliveries",
+    ]:
         page.goto(base + path)
         unlabeled = page.evaluate(
             """() => [...document.querySelectorAll('input:not([type=hidden]), select, textarea')]

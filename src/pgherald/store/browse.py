@@ -19,6 +19,7 @@ from typing import Any, Final, LiteralString
 import psycopg
 
 from pgherald.db.sqlfiles import named_query
+from pgherald.events.model import TypedLoader
 from pgherald.store.changelog import ChangeLog, StoredEvent
 from pgherald.store.deliveries import DeliveryRow
 from pgherald.store.session import in_schema
@@ -72,8 +73,10 @@ def page(
     before: int = NEWEST,
     limit: int = 50,
     window: int = WINDOW,
+    loader: TypedLoader | None = None,
 ) -> Page:
-    """The newest ``limit`` events below log id ``before`` that match ``filters``."""
+    """The newest ``limit`` events below log id ``before`` that match ``filters``; with a
+    ``loader`` (``db.types``), their values are typed (numbers, dates...)."""
     conn, schema = log.conn, log.schema
     if filters.watches is not None and not filters.watches:
         return Page([], None)
@@ -95,7 +98,7 @@ def page(
                 name = "page_watches"
                 params["watches"] = list(filters.watches)
         rows = conn.execute(_q(name), params).fetchall()
-    events = log.stored_events(rows[:limit])
+    events = log.stored_events(rows[:limit], loader)
     if len(rows) > limit:
         return Page(events, events[-1].id)
     if floor > 1:
@@ -117,7 +120,12 @@ def _floor(
 
 
 def newer(
-    log: ChangeLog, filters: Filters, after: int, upto: int, limit: int = 200
+    log: ChangeLog,
+    filters: Filters,
+    after: int,
+    upto: int,
+    limit: int = 200,
+    loader: TypedLoader | None = None,
 ) -> list[StoredEvent]:
     """Matching events with ``after < id <= upto``, oldest first (live updates)."""
     if filters.watches is not None and not filters.watches:
@@ -131,13 +139,13 @@ def newer(
         rows = log.conn.execute(_q(name), params).fetchall()
     if filters.row_key is not None:
         rows = [r for r in rows if r[6] == filters.row_key]
-    return log.stored_events(rows)
+    return log.stored_events(rows, loader)
 
 
-def event(log: ChangeLog, log_id: int) -> StoredEvent | None:
+def event(log: ChangeLog, log_id: int, loader: TypedLoader | None = None) -> StoredEvent | None:
     with in_schema(log.conn, log.schema):
         rows = log.conn.execute(_q("get_event"), {"id": log_id}).fetchall()
-    found = log.stored_events(rows)
+    found = log.stored_events(rows, loader)
     return found[0] if found else None
 
 

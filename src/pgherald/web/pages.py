@@ -18,6 +18,7 @@ from typing import Any, Final
 from starlette.responses import RedirectResponse, Response
 
 from pgherald import admin, routing_admin, selfservice
+from pgherald.db.types import TypeRegistry
 from pgherald.errors import PgHeraldError
 from pgherald.events.model import OPERATIONS
 from pgherald.schedule import Schedule
@@ -283,7 +284,9 @@ def changes(ctx: Ctx) -> Response:
     log = ChangeLog(ctx.conn, ctx.schema)
     first = before is None
     latest = log.last_id() if first else 0
-    found = browse.page(log, filters, before or browse.NEWEST, PAGE_SIZE)
+    found = browse.page(
+        log, filters, before or browse.NEWEST, PAGE_SIZE, loader=TypeRegistry.load(ctx.conn)
+    )
     r = ctx.console.renderer(ctx.conn, LIST_WIDTH)
     events = [view(e, r) for e in found.events]
     after = max([latest, *(e.id for e in events)]) if first else None
@@ -301,7 +304,7 @@ def changes(ctx: Ctx) -> Response:
 @page()
 def event_detail(ctx: Ctx) -> Response:
     log_id = int(ctx.request.path_params["log_id"])
-    found = browse.event(ChangeLog(ctx.conn, ctx.schema), log_id)
+    found = browse.event(ChangeLog(ctx.conn, ctx.schema), log_id, TypeRegistry.load(ctx.conn))
     if found is None or not ctx.viewer.may_read(found.event.watch):
         return not_found(ctx, "There is no such change.")
     e = view(found, ctx.console.renderer(ctx.conn, FULL_LIMIT), full=True)
@@ -323,7 +326,9 @@ def history(ctx: Ctx) -> Response:
         return ctx.render("error.html", status=400, title="Bad request", message=str(e))
     filters = browse.Filters(watches=(name,), row_key=row_key)
     log = ChangeLog(ctx.conn, ctx.schema)
-    found = browse.page(log, filters, before or browse.NEWEST, PAGE_SIZE)
+    found = browse.page(
+        log, filters, before or browse.NEWEST, PAGE_SIZE, loader=TypeRegistry.load(ctx.conn)
+    )
     r = ctx.console.renderer(ctx.conn, FULL_LIMIT)
     events = [view(e, r, full=True) for e in found.events]
     link = Query(watch=name).link("/history", key=row_key, before=found.older)

@@ -16,6 +16,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
+from pgherald.db.types import TypeRegistry
 from pgherald.store import browse
 from pgherald.store.changelog import ChangeLog
 from pgherald.web import pages
@@ -71,7 +72,7 @@ def _read(
         log = ChangeLog(conn, console.settings.schema)
         upto = log.last_id()
         after = max(after, upto - BACKLOG)
-        found = browse.newer(log, filters, after, upto, BATCH)
+        found = browse.newer(log, filters, after, upto, BATCH, TypeRegistry.load(conn))
         r = console.renderer(conn, LIST_WIDTH) if found else None
     if len(found) == BATCH:
         upto = found[-1].id
