@@ -206,3 +206,14 @@ def test_lag_seconds(
     active: bool, lag: int, flush_lag: float | None, idle: float | None, expected: float | None
 ) -> None:
     assert lag_seconds(active, lag, flush_lag, idle) == expected
+
+
+def test_retained_wal_defaults_follow_the_slot_safety_settings() -> None:
+    from types import SimpleNamespace
+
+    from pgherald.config import Settings
+
+    safety = SimpleNamespace(warn_retained_wal=2 << 30, critical_retained_wal=8 << 30)
+    configured = SimpleNamespace(slot_safety=safety)
+    assert check.default_thresholds(configured).retained_bytes == Limit(2 << 30, 8 << 30)  # type: ignore[arg-type]
+    assert check.default_thresholds(Settings()).retained_bytes.crit == 4 << 30
