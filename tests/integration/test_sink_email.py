@@ -17,7 +17,7 @@ from pgherald.errors import ConfigError, PermanentSinkError, RetryableSinkError
 from pgherald.events import ChangeEvent
 from pgherald.sinks.base import Message, Outcome, SinkConfig
 from pgherald.sinks.digest import Digest, RunInfo
-from pgherald.sinks.email import EmailSink, from_config
+from pgherald.sinks.email import EmailSink, SmtpSettings, from_config
 from tests.integration.sink_events import change, messages
 from tests.integration.smtp_server import PASSWORD, USER, Cert, MailServer, Silent, make_cert, parts
 
@@ -350,6 +350,11 @@ def test_options_are_checked(cert: Cert, extra: dict[str, Any], error: str) -> N
     assert PASSWORD not in str(raised.value)
 
 
+def _server(sink: EmailSink) -> SmtpSettings:
+    assert sink.smtp is not None  # a sink with its own server (not smtp = "settings")
+    return sink.smtp
+
+
 def test_defaults_and_lists(cert: Cert) -> None:
     sink = from_config(
         SinkConfig(
@@ -358,7 +363,7 @@ def test_defaults_and_lists(cert: Cert) -> None:
             options={"host": "mx.example.com", "from": "a@example.com", "to": ["b@example.com"]},
         )
     )
-    assert (sink.smtp.port, sink.smtp.starttls, sink.smtp.ssl, sink.digest) == (
+    assert (_server(sink).port, _server(sink).starttls, _server(sink).ssl, sink.digest) == (
         25,
         False,
         False,
@@ -367,10 +372,10 @@ def test_defaults_and_lists(cert: Cert) -> None:
     assert sink.recipients == ["b@example.com"]
     ssl_options = options(1, cert, starttls=False, ssl=True)
     del ssl_options["port"]
-    assert from_config(SinkConfig("mail", "email", options=ssl_options)).smtp.port == 465
+    assert _server(from_config(SinkConfig("mail", "email", options=ssl_options))).port == 465
     tls_options = options(1, cert)
     del tls_options["port"]
-    assert from_config(SinkConfig("mail", "email", options=tls_options)).smtp.port == 587
+    assert _server(from_config(SinkConfig("mail", "email", options=tls_options))).port == 587
     digest = make_sink(1, cert, mode="digest", send_empty="yes", timezone="Europe/Berlin").digest
     assert digest is not None
     assert (digest.period, digest.send_empty, digest.delay, digest.max_items) == (
@@ -380,3 +385,50 @@ def test_defaults_and_lists(cert: Cert) -> None:
         200,
     )
     assert str(digest.timezone) == "Europe/Berlin"
+
+
+def test_a_sink_may_use_the_mail_server_of_the_settings() -> None:
+    """``smtp = "settings"``: the server (and its password) come from ``[smtp]`` when the
+    sink is wired (``use_settings``), never from the sink's stored options."""
+    sink = from_config(
+        SinkConfig("mine", "email", options={"smtp": "settings", "to": "vi@example.com"})
+    )
+    assert sink.shared_smtp and sink.smtp is None
+    sink.use_settings(
+        smtp={"host": "mx.example.com", "port": 2525, "from": "Herald <h@example.org>"}
+    )
+    assert (_server(sink).host, _server(sink).port, sink.sender) == (
+        "mx.example.com",
+        2525,
+        "Herald <h@example.org>",
+    )
+    for options, message in [
+        ({"smtp": "other", "to": "a@example.com"}, "can only be 'settings'"),
+        ({"smtp": "settings", "host": "x", "to": "a@example.com"}, "choose one"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            from_config(SinkConfig("mine", "email", options=options))
+    cases: list[tuple[dict[str, Any], str]] = [
+        ({"port": 25, "from": "a@example.com"}, "key 'host' is required"),
+        ({"host": "x"}, "key 'from' is required"),
+        ({"host": "x", "from": "a@example.com", "nope": 1}, "unknown key"),
+        ({"host": "x", "from": "a@example.com", "username": "u", "password": PASSWORD},
+         "clear text"),
+    ]  # fmt: skip
+    for table, message in cases:
+        fresh = from_config(
+            SinkConfig("mine", "email", options={"smtp": "settings", "to": "a@example.com"})
+        )
+        with pytest.raises(ConfigError, match=message) as raised:
+            fresh.use_settings(smtp=table)
+        assert str(raised.value).startswith("[smtp] in the configuration: ")
+        assert PASSWORD not in str(raised.value)
+
+
+def test_without_a_mail_server_of_the_settings_the_mails_fail_permanently() -> None:
+    sink = from_config(
+        SinkConfig("mine", "email", options={"smtp": "settings", "to": "vi@example.com"})
+    )
+    sink.use_settings()  # no [smtp] where this process runs
+    (outcome,) = asyncio.run(sink.send(messages([change(1)])))
+    assert isinstance(outcome, PermanentSinkError) and "[smtp]" in str(outcome)
