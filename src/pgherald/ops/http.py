@@ -131,10 +131,10 @@ def _listen(host: str, port: int) -> socket.socket:
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(where)
-        sock.set_inheritable(True)
     except OSError as e:
         sock.close()
-        reason = "the address is in use" if e.errno == errno.EADDRINUSE else e.strerror or e
+        in_use = e.errno == errno.EADDRINUSE
+        reason = "the address is in use" if in_use else (e.strerror or str(e))
         raise ConfigError(f"cannot serve health and metrics on {host}:{port}: {reason}") from None
     return sock
 
