@@ -259,7 +259,7 @@ class Listening:
     notification arrived (and the xid it names)."""
 
     def __init__(self, db: c.BenchDB) -> None:
-        self.conn = psycopg.connect(db.dsn, autocommit=True)
+        self.conn = psycopg.connect(db.dsn, autocommit=True, application_name="bench-listener")
         self.conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(NOTIFY_CHANNEL)))
         self.stop = threading.Event()
         self.got: list[tuple[str, float]] = []  # (payload, time received)
@@ -303,6 +303,78 @@ class ServerCpu:
         return total
 
 
+class CpuByProcess:
+    """Where the cluster's CPU went during a run, by kind of process, sampled twice a second.
+
+    Kinds come from the process title (``postgres: walwriter`` ...) and, for client
+    backends, from the pids of pgherald's own connections (``application_name``) looked up
+    once when the run starts; every other client backend is a writer (pgbench's). A process
+    that ends is counted up to its last sample; the rest of what it used (under half a
+    second's worth) shows as ``ended``. The sampler's own CPU is kept out of this process's.
+    """
+
+    INTERVAL = 0.5
+
+    def __init__(self, cpu: ServerCpu, dsn: str) -> None:
+        self.cpu = cpu
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            rows = conn.execute(
+                "SELECT pid, application_name FROM pg_stat_activity"
+                " WHERE application_name LIKE 'pgherald%%' OR application_name = 'bench-listener'"
+            ).fetchall()
+        self.named = {int(pid): str(app) for pid, app in rows}
+        self.first: dict[int, float] = {}
+        self.last: dict[int, float] = {}
+        self.kind: dict[int, str] = {}
+        self.own_cpu = 0.0
+        self.stop_event = threading.Event()
+        self.total_before = cpu.seconds()
+        self._sample()
+        self.first = dict(self.last)
+        self.thread = threading.Thread(target=self._run, name="cpu-sampler", daemon=True)
+        self.thread.start()
+
+    def _classify(self, proc: psutil.Process) -> str:
+        if proc.pid in self.named:
+            return self.named[proc.pid]
+        title = " ".join(proc.cmdline())
+        for kind in ("walwriter", "autovacuum", "checkpointer", "background writer"):
+            if kind in title:
+                return kind
+        if "[local]" in title or "127.0.0.1" in title or "(" in title:
+            return "writers' backends"
+        return "other"
+
+    def _sample(self) -> None:
+        for child in self.cpu.postmaster.children(recursive=True):
+            try:
+                t = child.cpu_times()
+                if child.pid not in self.kind:
+                    self.kind[child.pid] = self._classify(child)
+            except psutil.Error:
+                continue
+            self.last[child.pid] = float(t.user + t.system)
+
+    def _run(self) -> None:
+        started = time.thread_time()
+        while not self.stop_event.wait(self.INTERVAL):
+            self._sample()
+        self.own_cpu = time.thread_time() - started
+
+    def finish(self) -> dict[str, float]:
+        """Seconds of CPU per kind of process since the start (and ``ended``: the rest)."""
+        self.stop_event.set()
+        self.thread.join(10)
+        self._sample()
+        total = self.cpu.seconds() - self.total_before
+        out: dict[str, float] = {}
+        for pid, last in self.last.items():
+            kind = self.kind.get(pid, "other")
+            out[kind] = out.get(kind, 0.0) + last - self.first.get(pid, 0.0)
+        out["ended"] = total - sum(out.values())
+        return out
+
+
 @dataclass
 class OverheadRun:
     tps: float
@@ -310,6 +382,7 @@ class OverheadRun:
     server_cpu: float  # seconds, every PostgreSQL process
     client_cpu: float  # seconds of this process (pgherald's drainer, or the listener)
     lag: float = 0.0  # seconds pgherald needed after pgbench to store every row
+    by_process: dict[str, float] = dataclasses.field(default_factory=dict)  # seconds by kind
 
     def per_tx(self, seconds: float) -> float:
         return 1e6 * seconds / max(self.transactions, 1)
@@ -326,17 +399,20 @@ def overhead_run(
         before = rows_in(db, TABLES[variant])
         already = capture.stored() if capture else 0
         drains = capture.source.drains if capture else 0
+        sampler = CpuByProcess(cpu, db.dsn)
         server, client = cpu.seconds(), time.process_time()
         result = c.pgbench(db, script, clients=clients, seconds=seconds)
         ended = time.perf_counter()
         inserted = rows_in(db, TABLES[variant]) - before
         lag = capture.wait_stored(already + inserted) - ended if capture else 0.0
+        by_process = sampler.finish()
         run = OverheadRun(
             result.tps,
             inserted,
             cpu.seconds() - server,
-            time.process_time() - client,
+            time.process_time() - client - sampler.own_cpu,
             lag,
+            by_process,
         )
         if capture:
             drains = capture.source.drains - drains
@@ -382,6 +458,13 @@ def overhead(repeat: int, clients: int, seconds: int) -> None:
         server = c.median([r.per_tx(r.server_cpu) for r in runs[v]])
         client = c.median([r.per_tx(r.client_cpu) for r in runs[v]])
         c.say(f"  {v:18s} {server:5.0f} µs + {client:3.0f} µs")
+    c.say("  the PostgreSQL part by process (median µs per transaction):")
+    for v in VARIANTS:
+        kinds = sorted({k for r in runs[v] for k in r.by_process})
+        parts = [
+            (k, c.median([r.per_tx(r.by_process.get(k, 0.0)) for r in runs[v]])) for k in kinds
+        ]
+        c.say(f"    {v:18s} " + ", ".join(f"{k} {us:.0f}" for k, us in parts))
     verdict = "ok" if ratios[PGHERALD] >= TARGET_RATIO else "BELOW TARGET"
     c.say(
         f"median of {repeat}: "

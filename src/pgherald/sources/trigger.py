@@ -99,6 +99,17 @@ class QueueSink(CaptureSink, Protocol):
     def connection(self) -> psycopg.Connection[Any]:
         """The connection of the store transaction that ``commit`` will commit."""
 
+    def commit_selected(
+        self,
+        rows: sql.Composable,
+        params: Mapping[str, Any],
+        shapes: Mapping[str, RowShape],
+        position: str,
+    ) -> int:
+        """Stores the events that ``rows`` (a SELECT over what this transaction claimed)
+        makes in the server, with ``position`` as the checkpoint, and commits; returns how
+        many events it stored. The columns ``rows`` yields are ``store.selected``'s."""
+
 
 @dataclass(frozen=True)
 class ClaimedRow:
@@ -279,7 +290,11 @@ class TriggerSource:
         self.connected = threading.Event()
         self.leader = threading.Event()
         self.moved = 0
+        self.moved_in_sql = 0
         self.drains = 0
+        self.in_sql = True
+        """Whether claimed rows may become events in the server (``_selected``); tests turn
+        it off to compare with the Python path, which is always right."""
         self.notifies = 0
         self._columns: dict[str, list[ColumnSpec]] = {}
         self._registry: TypeRegistry | None = None
@@ -479,42 +494,176 @@ class TriggerSource:
     def _drain(self, sink: QueueSink) -> int:
         conn = sink.connection()
         statement, params = self._settings_sql
-        reads: dict[str, Any] = {}
         with conn.pipeline():
             conn.execute(statement, params)
-            claim = conn.execute(
-                _q("claim").format(queue=self._table("trigger_queue")),
-                {"limit": self.settings.batch_size, "watches": [w.name for w in self.watches]},
-            )
+            claim = conn.execute(self._claim_sql(), self._claim_params())
             columns_now = self._columns_query(conn)
-            for w in self.watches:
-                reads[w.name] = self._read(conn, w)
         self.drains += 1
-        claimed = claim.rowcount
+        taken = {str(w): (int(n), int(last), bool(complete)) for w, n, last, complete in claim}
+        claimed = sum(n for n, _, _ in taken.values())
         if claimed <= 0:
             conn.rollback()
             return 0
-        changed = self._note_columns(columns_now.fetchall())
-        for name in changed:  # a table changed since we last looked: read its rows again
-            watch = next(w for w in self.watches if w.name == name)
-            reads[name] = self._read(conn, watch)
-        self.assembler.captured_at = datetime.now(UTC)
-        merged: list[tuple[int, ChangeEvent]] = []
-        last_id = 0
-        for w in self.watches:
-            rows = [
-                self._claimed_row(r, len(self._columns[w.name])) for r in reads[w.name].fetchall()
-            ]
-            if rows:
-                last_id = max(last_id, rows[-1].id)
-                merged.extend(self.assembler.events(w, self._shape(w), rows))
-        merged.sort(key=lambda pair: pair[0])
-        sink.write([e for _, e in merged])
-        sink.commit(str(last_id))
+        last_id = max(last for _, last, _ in taken.values())
+        known = set(self._columns)  # the columns the claim checked the rows against
+        changed = set(self._note_columns(columns_now.fetchall())) | (set(taken) - known)
+        captured_at = datetime.now(UTC)
+        with_rows = [w for w in self.watches if w.name in taken]
+        if self.in_sql and all(
+            taken[w.name][2] and w.name not in changed and self._same_shape(w) for w in with_rows
+        ):
+            rows, values, shapes = self._selected(with_rows, captured_at)
+            sink.commit_selected(rows, values, shapes, str(last_id))
+            for w in with_rows:
+                self.assembler.shapes[w.name] = shapes[w.name]
+            self.moved_in_sql += claimed
+        else:
+            self._assemble(sink, with_rows, captured_at, str(last_id))
         self.moved += claimed
         if self.on_batch is not None:
             self.on_batch(claimed)
         return claimed
+
+    def _assemble(
+        self,
+        sink: QueueSink,
+        watches: Sequence[TriggerWatch],
+        captured_at: datetime,
+        position: str,
+    ) -> None:
+        """The claimed rows as change events made in Python (``TriggerAssembler``), for what
+        the server cannot make alone: a row queued before a column was added, which keeps
+        the shape it had, and a shape change, which gets a ``schema`` event."""
+        conn = sink.connection()
+        with conn.pipeline():
+            reads = {w.name: self._read(conn, w) for w in watches}
+        self.assembler.captured_at = captured_at
+        merged: list[tuple[int, ChangeEvent]] = []
+        for w in watches:
+            n = len(self._columns[w.name])
+            rows = [self._claimed_row(r, n) for r in reads[w.name].fetchall()]
+            merged.extend(self.assembler.events(w, self._shape(w), rows))
+        merged.sort(key=lambda pair: pair[0])
+        sink.write([e for _, e in merged])
+        sink.commit(position)
+
+    def _same_shape(self, watch: TriggerWatch) -> bool:
+        """Whether the watch's events keep the shape of its last one (no ``schema`` event due)."""
+        before = self.assembler.shapes.get(watch.name)
+        return before is None or before == self._shape(watch)
+
+    def _claim_sql(self) -> sql.Composed:
+        complete = [
+            _q("complete_row").format(
+                watch=sql.Placeholder(f"w{i}"), columns=sql.Placeholder(f"w{i}_columns")
+            )
+            for i in range(len(self.watches))
+        ]
+        return _q("claim").format(
+            queue=self._table("trigger_queue"),
+            complete=sql.SQL(" OR ").join(complete) if complete else sql.SQL("false"),
+        )
+
+    def _claim_params(self) -> dict[str, Any]:
+        params: dict[str, Any] = {
+            "limit": self.settings.batch_size,
+            "watches": [w.name for w in self.watches],
+        }
+        for i, w in enumerate(self.watches):
+            params[f"w{i}"] = w.name
+            params[f"w{i}_columns"] = [c.name for c in self._columns.get(w.name, ())]
+        return params
+
+    def _selected(
+        self, watches: Sequence[TriggerWatch], captured_at: datetime
+    ) -> tuple[sql.Composable, dict[str, Any], dict[str, RowShape]]:
+        """The SELECT that makes the claimed rows' events in the server (for
+        ``QueueSink.commit_selected``), its parameters, and the shapes it names."""
+        parts: list[sql.Composable] = []
+        params: dict[str, Any] = {"captured_at": captured_at}
+        shapes: dict[str, RowShape] = {}
+        for i, w in enumerate(watches):
+            parts.append(self._select_watch(f"s{i}", w))
+            specs = self._columns[w.name]
+            ignored = set(w.ignore_columns)
+            params[f"s{i}"] = w.name
+            params[f"s{i}_schema"] = w.schema
+            params[f"s{i}_table"] = w.table
+            params[f"s{i}_keys"] = [k for k in w.key_columns if k in {c.name for c in specs}]
+            params[f"s{i}_names"] = [c.name for c in specs]
+            params[f"s{i}_compared"] = [c.name not in ignored for c in specs]
+            shapes[w.name] = self._shape(w)
+        return sql.SQL("\nUNION ALL\n").join(parts), params, shapes
+
+    def _select_watch(self, prefix: str, watch: TriggerWatch) -> sql.Composed:
+        specs = self._columns[watch.name]
+        names = [c.name for c in specs]
+        keys = [k for k in watch.key_columns if k in names]
+        positions = [sql.Literal(names.index(k) + 1) for k in keys]
+        key_list = sql.Placeholder(f"{prefix}_keys")
+
+        def values(alias: str) -> sql.Composable:
+            return sql.SQL(", ").join(
+                output_text(
+                    sql.SQL("{}.{}").format(sql.Identifier(alias), ident(c.name)), c.type_oid
+                )
+                for c in specs
+            )
+
+        def key_array(values: str) -> sql.Composable:
+            return sql.SQL("ARRAY[{}]::text[]").format(
+                sql.SQL(", ").join(
+                    sql.SQL("v.{}[{}]").format(sql.Identifier(values), p) for p in positions
+                )
+            )
+
+        if keys:
+            row_key: sql.Composable = sql.SQL("'[' || {} || ']'").format(
+                sql.SQL(" || ',' || ").join(
+                    sql.SQL(
+                        "coalesce(to_json((coalesce(v.new_values, v.old_values))[{}])::text,"
+                        " 'null')"
+                    ).format(p)
+                    for p in positions
+                )
+            )
+            old_key_object: sql.Composable = sql.SQL("jsonb_build_object({})").format(
+                sql.SQL(", ").join(
+                    sql.SQL("({}::text[])[{}], v.old_values[{}]").format(
+                        key_list, sql.Literal(i + 1), p
+                    )
+                    for i, p in enumerate(positions)
+                )
+            )
+            old_key, new_key = key_array("old_values"), key_array("new_values")
+        else:
+            row_key = sql.SQL("NULL::text")
+            old_key_object = sql.SQL("'{}'::jsonb")
+            old_key = new_key = sql.SQL("NULL::text[]")
+        return _q("select_claimed_events").format(
+            watch=sql.Placeholder(prefix),
+            schema_name=sql.Placeholder(f"{prefix}_schema"),
+            table_name=sql.Placeholder(f"{prefix}_table"),
+            row_key=row_key,
+            key_columns=sql.SQL("{}::text[]").format(key_list),
+            captured_at=sql.SQL("%(captured_at)s::timestamptz"),
+            old_key=old_key,
+            new_key=new_key,
+            old_key_object=old_key_object,
+            commit_time=self._commit_time_sql(),
+            table=ident(watch.schema, watch.table),
+            old_values=values("o"),
+            new_values=values("n"),
+            names=sql.SQL("{}::text[]").format(sql.Placeholder(f"{prefix}_names")),
+            compared=sql.SQL("{}::boolean[]").format(sql.Placeholder(f"{prefix}_compared")),
+        )
+
+    def _commit_time_sql(self) -> sql.Composable:
+        if self._track_commit_timestamp:
+            return sql.SQL(
+                "pg_xact_commit_timestamp(mod(c.xid::text::bigint, 4294967296)::text::xid)"
+            )
+        return sql.SQL("NULL::timestamptz")
 
     def _columns_query(self, conn: psycopg.Connection[Any]) -> psycopg.Cursor[Any]:
         return conn.execute(
@@ -575,13 +724,8 @@ class TriggerSource:
                 for c in specs
             )
 
-        commit_time = (
-            sql.SQL("pg_xact_commit_timestamp(mod(c.xid::text::bigint, 4294967296)::text::xid)")
-            if self._track_commit_timestamp
-            else sql.SQL("NULL::timestamptz")
-        )
         statement = _q("read_claimed").format(
-            commit_time=commit_time,
+            commit_time=self._commit_time_sql(),
             old_values=values("o"),
             new_values=values("n"),
             table=ident(watch.schema, watch.table),

@@ -40,6 +40,9 @@ CREATE TEMP TABLE IF NOT EXISTS pgherald_claimed (LIKE {queue}) ON COMMIT DELETE
 -- skip late committers; deleting what we move cannot. SKIP LOCKED keeps a second drainer
 -- (there should be none: see leader_lock) from blocking. Only the watches the drainer
 -- knows: a watch added while it runs keeps its rows queued until it learns of it.
+-- Returns, per watch, how many rows it took, the last queue id, and whether every row
+-- holds all of the watch's columns (complete_row: a row queued before a column was added
+-- lacks it, and needs the shape it had, which only the Python path gives it).
 WITH claimed AS (
     DELETE FROM {queue}
     WHERE id IN (
@@ -47,8 +50,69 @@ WITH claimed AS (
         ORDER BY id LIMIT %(limit)s FOR UPDATE SKIP LOCKED
     )
     RETURNING *
+),
+staged AS (
+    INSERT INTO pg_temp.pgherald_claimed SELECT * FROM claimed
+    RETURNING watch, id, old_row, new_row
 )
-INSERT INTO pg_temp.pgherald_claimed SELECT * FROM claimed
+SELECT c.watch, count(*), max(c.id), bool_and({complete})
+FROM staged c
+GROUP BY c.watch
+
+-- name: complete_row
+-- One watch's part of the claim's check: its rows have every column it knows.
+(c.watch = {watch}
+ AND (c.old_row IS NULL OR c.old_row ?& {columns})
+ AND (c.new_row IS NULL OR c.new_row ?& {columns}))
+
+-- name: select_claimed_events
+-- One watch's claimed rows as change log rows (the columns store/selected.py names), made
+-- by the server as TriggerAssembler makes them in Python: the same event ids, keys, texts,
+-- changed columns and meta. Only for rows that need nothing that Python alone knows: every
+-- row holds all the watch's columns, and the watch's shape is the one of its last event.
+-- An update that changed only ignored or unwatched columns is no event.
+SELECT c.id AS ord,
+       'T/' || c.xid::text || '/' || c.id::text AS event_id,
+       {watch} AS watch,
+       c.op,
+       {schema_name} AS schema_name,
+       {table_name} AS table_name,
+       CASE WHEN c.op <> 'truncate' THEN {row_key} END AS row_key,
+       CASE WHEN c.op <> 'truncate' THEN {key_columns} ELSE '{{}}'::text[] END AS key_columns,
+       CASE WHEN c.op <> 'truncate' THEN {watch} END AS shape,
+       v.old_values,
+       v.new_values,
+       d.changed,
+       c.xid::text::bigint AS xid,
+       c.id::text AS position,
+       coalesce(t.committed, c.xact_time) AS commit_time,
+       {captured_at} AS captured_at,
+       'trigger' AS method,
+       0 AS seq,
+       CASE WHEN c.old_row IS NULL THEN 'none' ELSE 'trigger' END AS old_values_source,
+       CASE WHEN t.committed IS NULL THEN '{{"commit_time": "transaction start"}}'::jsonb
+            ELSE '{{}}'::jsonb END
+       || CASE WHEN c.op = 'update' AND {old_key} IS DISTINCT FROM {new_key}
+               THEN jsonb_build_object('old_key', {old_key_object})
+               ELSE '{{}}'::jsonb END AS meta
+FROM pg_temp.pgherald_claimed c
+CROSS JOIN LATERAL (SELECT {commit_time} AS committed) t
+LEFT JOIN LATERAL jsonb_populate_record(NULL::{table}, c.old_row) o ON c.old_row IS NOT NULL
+LEFT JOIN LATERAL jsonb_populate_record(NULL::{table}, c.new_row) n ON c.new_row IS NOT NULL
+CROSS JOIN LATERAL (
+    SELECT CASE WHEN c.old_row IS NOT NULL THEN ARRAY[{old_values}]::text[] END AS old_values,
+           CASE WHEN c.new_row IS NOT NULL THEN ARRAY[{new_values}]::text[] END AS new_values
+) v
+CROSS JOIN LATERAL (
+    SELECT CASE WHEN c.op = 'update' THEN ARRAY(
+               SELECT u.name
+               FROM unnest({names}, v.old_values, v.new_values, {compared})
+                    WITH ORDINALITY AS u (name, old, new, compared, i)
+               WHERE u.compared AND u.old IS DISTINCT FROM u.new
+               ORDER BY u.i
+           ) ELSE '{{}}'::text[] END AS changed
+) d
+WHERE c.watch = {watch} AND (c.op <> 'update' OR cardinality(d.changed) > 0)
 
 -- name: read_claimed
 -- One watch's claimed rows with their values as PostgreSQL's text output (the form every
