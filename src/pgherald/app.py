@@ -43,6 +43,7 @@ from pgherald.store import checkpoints, deliveries, migrations, watches
 from pgherald.store.changelog import ChangeLog, Statement
 from pgherald.store.deliveries import StoredSink
 from pgherald.store.queries import query
+from pgherald.store.selected import append_selected
 
 log = logging.getLogger("pgherald")
 
@@ -116,6 +117,32 @@ class ChangeLogSink:
         status.note_progress(self.source)
         self.stored_events += sum(self._per_watch.values())
         self._per_watch.clear()
+
+    def commit_selected(
+        self,
+        rows: psycopg.sql.Composable,
+        params: Mapping[str, Any],
+        shapes: Mapping[str, RowShape],
+        position: str,
+    ) -> int:
+        """Stores the events that ``rows`` makes in the server (a source's SELECT over what
+        it claimed in this transaction: the trigger queue), saves the checkpoint and
+        commits, in one round trip; returns how many events were stored."""
+        self._check_not_lost()
+        self._connection()
+        assert self._log is not None and not self._held and not self._per_watch
+        stored = append_selected(
+            self._log,
+            rows,
+            params,
+            shapes,
+            then=[(query("save_checkpoint"), {"source": self.source, "position": position})],
+            commit=True,
+        )
+        metrics.captured(stored)
+        status.note_progress(self.source)
+        self.stored_events += sum(stored.values())
+        return sum(stored.values())
 
     def _check_not_lost(self) -> None:
         """Refuses to go on in a new connection while the lost one held written events: a
