@@ -206,6 +206,19 @@ _ABANDONED = {
 }
 
 
+def _join_all(threads: Sequence[threading.Thread], deadline: float) -> dict[str, float]:
+    """Waits until every thread ended or ``deadline`` passed; when each was seen ended."""
+    ended: dict[str, float] = {}
+    while True:
+        now = time.monotonic()
+        for t in threads:
+            if t.name not in ended and not t.is_alive():
+                ended[t.name] = now
+        if len(ended) == len({t.name for t in threads}) or now >= deadline:
+            return ended
+        time.sleep(0.02)
+
+
 def _names(names: Iterable[str]) -> str:
     return ", ".join(repr(n) for n in names)
 
@@ -540,8 +553,7 @@ class Daemon:
             p.stop.set()
         self._web_stop.set()
         self.stop.set()
-        for t in threads:
-            t.join(max(0.0, deadline - time.monotonic()))
+        took = _join_all(threads, deadline)
         alive = [t for t in threads if t.is_alive()]
         error: BaseException | None = None
         if not alive:
@@ -561,10 +573,12 @@ class Daemon:
                 "; ".join(abandoned),
             )
             return abandoned, error
+        slowest = max(took, key=lambda name: took[name] - started)
         log.info(
-            "stopped %sin %.1fs%s",
+            "stopped %sin %.1fs (the last to stop: %s)%s",
             "" if failed or error else "cleanly ",
             time.monotonic() - started,
+            slowest.removeprefix("pgherald-"),
             f": {summary}" if summary else "",
         )
         return [], error

@@ -130,6 +130,7 @@ def test_sigterm_mid_workload_loses_and_duplicates_nothing(db_primary: Database)
     assert h.create_truth_slot(dsn, TRUTH_SLOT)
     daemon = Daemon(settings, "--shutdown-timeout", f"{BOUND:g}s").start()
     stop_seconds: list[float] = []
+    said: list[str] = []
     try:
         daemon.wait_ready()
         stream = d.StreamWriter(dsn, total=5000, seconds=SECONDS, seed=seed)
@@ -146,6 +147,7 @@ def test_sigterm_mid_workload_loses_and_duplicates_nothing(db_primary: Database)
             assert status == 0, daemon.log()[-6000:]
             assert seconds < BOUND, f"stopping took {seconds:.1f}s"
             assert "stopped cleanly" in log, log[-3000:]
+            said.append(log[log.index("stopped cleanly") :].splitlines()[0])
             # what was stored is acknowledged to the slot
             assert slot_confirmed(settings) >= stored_checkpoint(settings)
             h.wait_released(settings)
@@ -155,9 +157,11 @@ def test_sigterm_mid_workload_loses_and_duplicates_nothing(db_primary: Database)
         ledger.join(SECONDS + 60)
         assert ledger.error is None, ledger.error
         h.catch_up(settings, timeout=120, alive=lambda: None if daemon.alive() else daemon.log())
+        # keyed by watch and row: the two tables have rows with the same key
         truth_events = {
-            **d.log_truth(settings, "ledger"),
-            **d.log_truth(settings, d.STREAM_WATCH),
+            key: d.Logged(logged.log_id, f"{watch}:{logged.row}")
+            for watch in ("ledger", d.STREAM_WATCH)
+            for key, logged in d.log_truth(settings, watch).items()
         }
         d.wait_for(
             lambda: set(receiver.keys()) >= truth_events.keys(),
@@ -194,6 +198,7 @@ def test_sigterm_mid_workload_loses_and_duplicates_nothing(db_primary: Database)
         f" {verdict.arrivals} deliveries, {STOPS + 1} SIGTERMs, stops took"
         f" {', '.join(f'{s:.2f}s' for s in stop_seconds)} (bound {BOUND:g}s)"
     )
+    print("\n".join(said))
 
 
 def test_a_stop_past_the_bound_gives_up_and_the_next_run_redoes_it(db_primary: Database) -> None:
