@@ -59,11 +59,12 @@ class Changes:
             ("added sink", self.sinks_added),
             ("updated sink", self.sinks_updated),
             ("disabled sink", self.sinks_disabled),
-            ("subscribed", self.subscribed),
-            ("unsubscribed", self.unsubscribed),
         ):
             if names:
                 out.append(f"{label} {_names(names)}")
+        for label, pairs in (("subscribed", self.subscribed), ("unsubscribed", self.unsubscribed)):
+            if pairs:
+                out.append(f"{label} {', '.join(pairs)}")
         return out
 
 
@@ -208,12 +209,12 @@ def apply(old: Settings, new: Settings, changes: Changes | None = None) -> Chang
                 where=sub.where,
                 ignore_columns=sub.ignore_columns,
             )
-            changes.subscribed.append(f"{sink} to {watch}")
+            changes.subscribed.append(f"{sink!r} to {watch!r}")
     for sink, watch in old_subs:
         if (sink, watch) not in new_subs and watch not in removed_watches:
             try:
                 routing_admin.unsubscribe(new, sink, [watch])
-                changes.unsubscribed.append(f"{sink} from {watch}")
+                changes.unsubscribed.append(f"{sink!r} from {watch!r}")
             except ConfigError:
                 pass  # already gone (unsubscribed by hand, or its sink removed)
     for name in removed_watches:
