@@ -12,6 +12,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
+from datetime import datetime
 from typing import Any, Final
 
 import psycopg
@@ -37,9 +38,11 @@ from pgherald.sources.logical import (
     LogicalWatch,
     checkpoint_name,
 )
+from pgherald.sources.slot_safety import SlotThresholds
 from pgherald.sources.trigger import TriggerSettings, TriggerSource, TriggerWatch
 from pgherald.sources.trigger import checkpoint_name as trigger_checkpoint_name
 from pgherald.store import checkpoints, deliveries, migrations, watches
+from pgherald.store import errors as store_errors
 from pgherald.store.changelog import ChangeLog, Statement
 from pgherald.store.deliveries import StoredSink
 from pgherald.store.queries import query
@@ -182,6 +185,21 @@ class ChangeLogSink:
         conn.commit()
         return {name: shape for name, shape in found.items() if shape is not None}
 
+    def last_commit_time(self, watches: Sequence[str]) -> datetime | None:
+        """The commit time of the latest event stored for these watches (None if none): a
+        point before which the change log is known complete, for a gap's start."""
+        conn = self._connection()
+        found = checkpoints.last_commit_time(conn, self.schema, watches)
+        conn.commit()
+        return found
+
+    def record_error(self, message: str, detail: Mapping[str, Any]) -> None:
+        """Keeps a capture problem in the errors table (slot safety's reports), on a short
+        connection of its own: the store connection may be busy with a batch in another
+        thread."""
+        with connect(self.dsn, autocommit=True, application_name="pgherald-store") as conn:
+            store_errors.record_error(conn, self.schema, message, source=self.source, detail=detail)
+
     def close(self) -> None:
         if self._conn is not None:
             self._conn.close()
@@ -243,6 +261,14 @@ def build_logical_source(settings: Settings, resync: bool = False) -> LogicalSou
             batch_size=max(settings.batch_size, 1),
             max_batch_delay=settings.batch_interval,
             resync=resync,
+            heartbeat_interval=settings.slot_safety.heartbeat_interval,
+            slot_check_interval=settings.slot_safety.check_interval,
+            thresholds=SlotThresholds(
+                warn_bytes=settings.slot_safety.warn_retained_wal,
+                critical_bytes=settings.slot_safety.critical_retained_wal,
+                policy_bytes=settings.slot_safety.policy_retained_wal,
+                policy=settings.slot_safety.policy,
+            ),
         ),
         found,
     )

@@ -730,7 +730,7 @@ def _emit(lines: Iterable[str]) -> None:
 @click.option("--limit", type=click.IntRange(min=1), help="At most this many changes.")
 @click.option(
     "--op",
-    type=click.Choice(["insert", "update", "delete", "truncate", "read", "schema"]),
+    type=click.Choice(["insert", "update", "delete", "truncate", "read", "schema", "gap"]),
     help="Only this operation.",
 )
 @click.option(

@@ -80,6 +80,31 @@ class SubscriptionSpec:
     ignore_columns: tuple[str, ...] = ()
 
 
+SlotPolicy = Literal["alert", "pause-and-alert", "drop-and-resync"]
+SLOT_POLICIES: Final[tuple[str, ...]] = get_args(SlotPolicy)
+
+
+@dataclass(frozen=True)
+class SlotSafety:
+    """How logical capture guards its replication slot (``[slot_safety]``).
+
+    An unconsumed slot keeps WAL until the disk fills. pgherald warns when the slot holds
+    back ``warn_retained_wal`` bytes, goes critical at ``critical_retained_wal``, and applies
+    ``policy`` at ``policy_retained_wal``: ``alert`` only tells, ``pause-and-alert`` stops
+    capturing and keeps the slot, ``drop-and-resync`` drops it, records a gap event and
+    reads the watched tables again.
+    """
+
+    warn_retained_wal: int = 1 << 30
+    critical_retained_wal: int = 4 << 30
+    policy_retained_wal: int = 16 << 30
+    policy: SlotPolicy = "alert"
+    check_interval: float = 30.0
+    """Seconds between two checks of the slot."""
+    heartbeat_interval: float = 10.0
+    """Seconds between heartbeats written to an idle watched database (0: none)."""
+
+
 @dataclass(frozen=True)
 class Settings:
     """Everything pgherald needs to know to run, after all sources were merged.
@@ -110,6 +135,8 @@ class Settings:
     """A folder of Jinja2 templates that override pgherald's own (also per watch)."""
     public_url: str = ""
     """The web console's address as people reach it (feeds need absolute links)."""
+    slot_safety: SlotSafety = field(default_factory=SlotSafety)
+    """Retained-WAL thresholds and the policy of logical capture's slot (``[slot_safety]``)."""
     smtp: Mapping[str, Any] = field(default_factory=dict, repr=False)
     """The mail server (``[smtp]``: host, port, starttls, username, password, from...) of
     the e-mail subscriptions people make for themselves in the web console; checked by the
@@ -383,6 +410,87 @@ def _subscription_spec(raw: Any, where: str) -> SubscriptionSpec:
     )
 
 
+# -- slot safety --------------------------------------------------------------------------
+
+_SIZE: Final = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-z]*)\s*$", re.IGNORECASE)
+_SIZE_UNITS: Final = {
+    "": 1,
+    "b": 1,
+    "kb": 1 << 10,
+    "kib": 1 << 10,
+    "mb": 1 << 20,
+    "mib": 1 << 20,
+    "gb": 1 << 30,
+    "gib": 1 << 30,
+    "tb": 1 << 40,
+    "tib": 1 << 40,
+}
+_SLOT_SAFETY_KEYS: Final = frozenset(f.name for f in fields(SlotSafety))
+
+
+def parse_size(value: Any, where: str) -> int:
+    """Bytes from a size with a unit, as PostgreSQL writes them (``"64kB"``, ``"512MB"``,
+    ``"1GB"``, ``"2TB"``; 1 kB = 1024 bytes; ``KiB``... too), or a whole number of bytes."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        size = value
+    else:
+        match = _SIZE.match(value) if isinstance(value, str) else None
+        unit = match.group(2).lower() if match else ""
+        if match is None or unit not in _SIZE_UNITS:
+            raise ConfigError(
+                f'{where} must be a size like "64kB", "512MB", "1GB" or "2TB", not {value!r}'
+            )
+        size = int(float(match.group(1)) * _SIZE_UNITS[unit])
+    if size < 1:
+        raise ConfigError(f"{where} must be more than 0 bytes, not {value!r}")
+    return size
+
+
+def _seconds(value: Any, where: str, allow_zero: bool) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ConfigError(f"{where} must be a number of seconds, not {value!r}")
+    low = 0 if allow_zero else 0.01
+    if not low <= value <= 3600:
+        raise ConfigError(f"{where} must be between {low} and 3600 seconds, not {value}")
+    return float(value)
+
+
+def _slot_safety(raw: Any, where: str) -> SlotSafety:
+    """``[slot_safety]``, checked: sizes with units, in increasing order, a known policy."""
+    raw = _table(raw, where, _SLOT_SAFETY_KEYS, ())
+    default = SlotSafety()
+    sizes = {
+        key: parse_size(raw[key], f"{where}.{key}") if key in raw else getattr(default, key)
+        for key in ("warn_retained_wal", "critical_retained_wal", "policy_retained_wal")
+    }
+    if (
+        not sizes["warn_retained_wal"]
+        <= sizes["critical_retained_wal"]
+        <= sizes["policy_retained_wal"]
+    ):
+        raise ConfigError(
+            f"{where}: the sizes must grow: warn_retained_wal <= critical_retained_wal <="
+            " policy_retained_wal (each step is a worse state of the slot)"
+        )
+    policy = raw.get("policy", default.policy)
+    if policy not in SLOT_POLICIES:
+        raise ConfigError(
+            f"{where}.policy must be one of {', '.join(SLOT_POLICIES)}, not {policy!r}"
+        )
+    return SlotSafety(
+        **sizes,
+        policy=cast(SlotPolicy, policy),
+        check_interval=_seconds(
+            raw.get("check_interval", default.check_interval), f"{where}.check_interval", False
+        ),
+        heartbeat_interval=_seconds(
+            raw.get("heartbeat_interval", default.heartbeat_interval),
+            f"{where}.heartbeat_interval",
+            True,
+        ),
+    )
+
+
 # -- the sources --------------------------------------------------------------------------
 
 
@@ -412,6 +520,8 @@ def read_toml(path: Path) -> dict[str, Any]:
             values[f"{key}s"] = tuple(
                 parse(v, f"{path}: [[{key}]] #{i + 1}") for i, v in enumerate(value)
             )
+        elif key == "slot_safety":
+            values["slot_safety"] = _slot_safety(value, f"{path}: [slot_safety]")
         elif key == "smtp":
             if not isinstance(value, dict):
                 raise ConfigError(f"{path}: 'smtp' must be a table ([smtp])")
@@ -419,7 +529,9 @@ def read_toml(path: Path) -> dict[str, Any]:
         elif key in _SCALAR_FIELDS:
             values[key] = _coerce(key, value, f"{path}: {key}")
         else:
-            known = ", ".join([*_SCALAR_FIELDS, "watch", "sink", "subscription", "smtp"])
+            known = ", ".join(
+                [*_SCALAR_FIELDS, "watch", "sink", "subscription", "slot_safety", "smtp"]
+            )
             raise ConfigError(f"{path}: unknown key {key!r}; known keys: {known}")
     return values
 

@@ -10,6 +10,7 @@ import json
 from typing import Final, Literal
 
 from pgherald.events import UNCHANGED_TOAST, ChangeEvent, RowImage
+from pgherald.events.model import describe_gap
 
 VALUE_WIDTH: Final = 60
 NAME_WIDTH: Final = 40
@@ -97,6 +98,8 @@ def describe(
             if event.meta.get(k)
         }
         parts.append(clean(json.dumps(summary, ensure_ascii=False, default=str), 200))
+    elif event.op == "gap":
+        parts.append(clean(describe_gap(event.meta), 400))
     line = "  ".join(parts)
     if width is not None and len(line) > width:
         line = line[: width - 1] + "…"

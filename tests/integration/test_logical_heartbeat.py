@@ -7,8 +7,10 @@ with both at work.
 
 from __future__ import annotations
 
+import json
 import threading
 import time
+from datetime import datetime
 
 import psycopg
 
@@ -17,6 +19,8 @@ from pgherald.app import ChangeLogSink, logical_source_name, logical_watches
 from pgherald.config import Settings
 from pgherald.sources import logical_admin
 from pgherald.sources.logical import LogicalSettings, LogicalSource, parse_lsn
+from pgherald.sources.slot_safety import heartbeat_name
+from pgherald.store import checkpoints
 from tests.conftest import Database
 
 
@@ -70,3 +74,58 @@ def test_idle_slot_advances_while_another_database_is_busy(db: Database) -> None
                     psycopg.sql.Identifier(busy)
                 )
             )
+
+
+def test_idle_watched_tables_in_a_busy_database_let_the_slot_and_checkpoint_advance(
+    db: Database,
+) -> None:
+    """Other tables of the same database write WAL the publication does not carry (the
+    server sends nothing for those transactions): heartbeats still move the slot's
+    confirmed position past that WAL, and the change log's checkpoint with it, dated by
+    the heartbeat, so a gap recorded later would start from there."""
+    settings = Settings(dsn=db.dsn)
+    db.execute("CREATE TABLE quiet (id int PRIMARY KEY)")
+    db.execute("CREATE TABLE churn (n int)")
+    admin.init(settings)
+    admin.add_watch(settings, "public.quiet")
+    source = LogicalSource(
+        LogicalSettings(dsn=db.dsn, heartbeat_interval=0.3, slot_check_interval=0.5),
+        logical_watches(settings),
+    )
+    sink = ChangeLogSink(db.dsn, settings.schema, logical_source_name(settings))
+    stop = threading.Event()
+    thread = threading.Thread(target=source.run, args=(sink, stop), daemon=True)
+    thread.start()
+    try:
+        assert source.connected.wait(20)
+        with psycopg.connect(db.dsn, autocommit=True) as conn:
+            for _ in range(20):
+                conn.execute("INSERT INTO churn SELECT generate_series(1, 2000)")
+            row = conn.execute("SELECT pg_current_wal_lsn()::text, now()").fetchone()
+            assert row is not None
+            target, written = parse_lsn(str(row[0])), row[1]
+            deadline = time.monotonic() + 20
+            confirmed = stored = 0
+            while time.monotonic() < deadline:
+                info = logical_admin.slot_info(conn, "pgherald")
+                assert info is not None and info.confirmed_flush_lsn is not None
+                confirmed = parse_lsn(info.confirmed_flush_lsn)
+                position = checkpoints.load_checkpoint(
+                    conn, "pgherald", logical_source_name(settings)
+                )
+                stored = parse_lsn(position) if position else 0
+                if confirmed >= target and stored >= target:
+                    break
+                time.sleep(0.2)
+            assert confirmed >= target, "the slot moved past the other tables' WAL"
+            assert stored >= target, "and the change log's checkpoint with it"
+            beat = checkpoints.load_checkpoint(conn, "pgherald", heartbeat_name("pgherald"))
+        assert beat is not None
+        saved = json.loads(beat)
+        assert parse_lsn(saved["lsn"]) >= target
+        assert datetime.fromisoformat(saved["time"]) >= written
+        assert db.execute("SELECT count(*) FROM pgherald.events") == [(0,)]
+    finally:
+        stop.set()
+        thread.join(10)
+        sink.close()

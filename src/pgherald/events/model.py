@@ -15,9 +15,11 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Final, Literal, Protocol
 
-Operation = Literal["insert", "update", "delete", "truncate", "read", "schema", "message"]
+Operation = Literal["insert", "update", "delete", "truncate", "read", "schema", "message", "gap"]
 """``read`` is a row of an initial snapshot; ``schema`` records that a table's shape changed;
-``message`` is a notification received on a channel (``listen`` watches)."""
+``message`` is a notification received on a channel (``listen`` watches); ``gap`` says that
+changes in a range of time may be missing (a replication slot was dropped or invalidated;
+``meta`` names the range) and that the table's rows follow as ``read`` events."""
 
 CaptureMethod = Literal["logical", "trigger", "snapshot", "listen"]
 
@@ -32,7 +34,19 @@ OPERATIONS: Final[tuple[Operation, ...]] = (
     "read",
     "schema",
     "message",
+    "gap",
 )
+
+
+def describe_gap(meta: Mapping[str, Any]) -> str:
+    """What a ``gap`` event says, in words: the range in which changes may be missing."""
+    text = meta.get("uncertain")
+    if isinstance(text, str) and text:
+        return text
+    return (
+        f"changes committed between {meta.get('from_time') or meta.get('from_lsn') or '?'}"
+        f" and {meta.get('to_time') or meta.get('to_lsn') or '?'} may be missing"
+    )
 
 
 class Unchanged:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Final
 
-from pgherald.events.model import ChangeEvent, RowImage
+from pgherald.events.model import ChangeEvent, RowImage, describe_gap
 from pgherald.render.display import Display
 from pgherald.render.links import Links
 from pgherald.render.values import Formatter, Shown, has_bidi, shorten, unknown, visible
@@ -25,6 +25,7 @@ OP_WORDS: Final[dict[str, str]] = {
     "truncate": "emptied (all rows deleted)",
     "schema": "table structure changed",
     "message": "notification",
+    "gap": "changes may be missing (the table was read again)",
 }
 METHOD_WORDS: Final[dict[str, str]] = {
     "logical": "logical replication",
@@ -123,7 +124,7 @@ class ChangeViews:
         return self.formatter.shown(value, text)
 
     def _label(self, event: ChangeEvent, display: Display) -> str | None:
-        if event.op in ("truncate", "schema"):
+        if event.op in ("truncate", "schema", "gap"):
             return None
         row = event.row
         if display.label is not None and row is not None:
@@ -193,6 +194,8 @@ class ChangeViews:
                 if found:
                     parts.append(f"{what}: {json.dumps(found, ensure_ascii=False, default=str)}")
             return (), visible("; ".join(parts), newlines=False) or None
+        if event.op == "gap":
+            return (), visible(describe_gap(event.meta), newlines=False)
         return (), None
 
     def view(self, event: ChangeEvent, log_id: int | None = None) -> ChangeView:

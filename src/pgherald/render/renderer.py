@@ -88,7 +88,7 @@ class Renderer:
     def counts_text(self, group: Group) -> str:
         parts = [
             f"{group.counts[op]} {OP_WORDS[op]}"
-            for op in ("insert", "update", "delete", "read", "truncate", "schema", "message")
+            for op in ("insert", "update", "delete", "read", "truncate", "schema", "message", "gap")
             if group.counts.get(op)
         ]
         noun = "change" if group.total == 1 else "changes"

@@ -474,14 +474,17 @@ class ReplicaSink:
                 if self.settings.add_columns and table.exists:
                     await self._add_columns(conn, table, _columns_after(e.meta), plan)
                 continue
-            if not table.exists and (op in ("truncate", "delete") or not create):
+            if not table.exists and (op in ("truncate", "delete", "gap") or not create):
                 if create:
                     continue  # nothing there to empty or delete from
                 raise _Refused(
                     f"target table {table.qualified} does not exist; create it or set"
                     " create_tables = true"
                 )
-            if op == "truncate":
+            if op in ("truncate", "gap"):
+                # A gap: changes in some range were lost, so rows deleted then would stay
+                # here for ever; the table is emptied, and the 'read' events that follow
+                # (the source table read again) fill it with what exists now.
                 statement = table.other.get("truncate")
                 if statement is None:
                     statement = self._sql(conn, sql.SQL("TRUNCATE {}").format(_ident(*target)))

@@ -19,6 +19,7 @@ The flow of one session:
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import select
@@ -48,6 +49,7 @@ from pgherald.sources.logical_snapshot import (
     WATERMARK_PREFIX,
     TableSnapshot,
     progress_name,
+    restart_progress,
 )
 from pgherald.sources.pgoutput import (
     Begin,
@@ -63,6 +65,21 @@ from pgherald.sources.pgoutput import (
     decode,
     decode_insert,
     pg_timestamp,
+)
+from pgherald.sources.slot_safety import (
+    RESYNC_DONE,
+    Bound,
+    Level,
+    Reading,
+    Resync,
+    SlotHealth,
+    SlotMonitor,
+    SlotThresholds,
+    gap_meta,
+    heartbeat_name,
+    later,
+    read_health,
+    resync_name,
 )
 
 log = logging.getLogger("pgherald.logical")
@@ -460,8 +477,9 @@ class LogicalSettings:
     heartbeat_interval: float = 10.0
     """Seconds between heartbeat messages written to the watched database (0: none)."""
     slot_check_interval: float = 30.0
-    warn_retained_bytes: int = 1 << 30
-    """Log a warning when the slot holds back more WAL than this."""
+    """Seconds between two checks of the slot's retained WAL (see ``slot_safety``)."""
+    thresholds: SlotThresholds = field(default_factory=SlotThresholds)
+    """When to warn, to go critical, and to apply which policy."""
     snapshot_chunk_size: int = 5000
 
 
@@ -474,10 +492,21 @@ class LogicalSource:
         self.stored_lsn = 0
         self.connected = threading.Event()
         self.slot_status: logical_admin.SlotInfo | None = None
+        self.slot_health: SlotHealth | None = None
+        """The slot as last checked (``slot_safety``), for health reports."""
+        self.slot_level: Level = "ok"
+        self.paused: str | None = None
+        """Why capture is paused (policy ``pause-and-alert``); None while it is not."""
+        self.monitor: SlotMonitor | None = None
         self._last_heartbeat = 0.0
         self._ever_connected = False
         self._snapshots: list[TableSnapshot] = []
-        self._last_slot_check = 0.0
+        self._action: _Action | None = None
+        self._settled = 0.0
+        """When the last action ended: readings begun before are about the slot as it was."""
+        self._resync_requested = settings.resync
+        self._safe: Bound | None = None
+        """The last point of the stream known stored (a durable commit or a heartbeat)."""
 
     # -- catalog helpers (psycopg 3, a normal connection) ------------------------------
 
@@ -507,7 +536,14 @@ class LogicalSource:
         return make_conninfo("", **params)
 
     def prepare_slot(self, conn: psycopg.Connection[Any], checkpoint: str | None) -> None:
-        """Makes sure the slot exists, refusing to recreate one that held unstored changes."""
+        """Makes sure the slot exists, refusing to recreate one that held unstored changes.
+
+        A slot that is missing or was invalidated while the change log holds a checkpoint
+        means changes may be lost: that is a gap. It is recorded and repaired (``gap``
+        events, a new slot, the tables read again) when the policy is ``drop-and-resync``
+        or ``run --resync`` asked for it; otherwise capture stops with one line that says
+        what happened and which command repairs it. Never silently recreated.
+        """
         # Checked here because the walsender's own refusal arrives as a failed connection,
         # which the reconnect loop would otherwise retry for ever.
         row = conn.execute(
@@ -518,35 +554,253 @@ class LogicalSource:
                 f"role {conn.info.user!r} may not stream changes: logical capture needs the"
                 " REPLICATION attribute (ALTER ROLE ... REPLICATION), or use --method trigger"
             )
-        info = logical_admin.slot_info(conn, self.settings.slot)
-        lost = info is not None and info.wal_status == "lost"
+        slot = self.settings.slot
+        info = read_health(conn, slot)
+        lost = info is not None and info.invalidated
         if info is None or lost:
-            if checkpoint is not None and not self.settings.resync:
-                what = "was invalidated (wal_status = lost)" if lost else "no longer exists"
+            if checkpoint is not None:
+                what = (
+                    f"was invalidated by PostgreSQL ({info.invalidation()})"
+                    if info is not None and lost
+                    else "no longer exists"
+                )
+                reason = (
+                    f"replication slot {slot!r} {what}, but the change log was at {checkpoint}:"
+                    " changes made since then may be lost"
+                )
+                if self._resync_requested:
+                    raise _ResyncNeeded(f"{reason}; `run --resync` asked")
+                if self.settings.thresholds.policy == "drop-and-resync":
+                    raise _ResyncNeeded(f"{reason}; policy drop-and-resync")
                 raise CaptureError(
-                    f"replication slot {self.settings.slot!r} {what}, but the change log was at"
-                    f" {checkpoint}: changes made since then may be lost. Run again with --resync"
-                    " to recreate the slot (and take a fresh snapshot), accepting that gap"
+                    f"{reason}. Run `pgherald run --resync` to record the gap, recreate the"
+                    " slot and read the watched tables again (or set policy ="
+                    ' "drop-and-resync" in [slot_safety] to do that by itself)'
                 )
             if lost:
-                logical_admin.drop_slot(conn, self.settings.slot)
-            logical_admin.create_slot(conn, self.settings.slot)
+                logical_admin.drop_slot(conn, slot)
+            logical_admin.create_slot(conn, slot)
         elif info.plugin != "pgoutput":
             raise CaptureError(
-                f"replication slot {self.settings.slot!r} uses plugin {info.plugin!r},"
+                f"replication slot {slot!r} uses plugin {info.plugin!r},"
                 " not pgoutput; choose another --slot name"
             )
         tables = [(w.schema, w.table) for w in self.watches]
         logical_admin.ensure_publication(conn, self.settings.publication, tables)
 
+    # -- slot safety ---------------------------------------------------------------------
+
+    def _on_reading(self, reading: Reading) -> None:
+        """Called by the slot monitor (its own thread) after each check: decides whether the
+        policy applies, and if so makes the session end so that ``run`` can apply it."""
+        health = reading.health
+        self.slot_health = health
+        self.slot_status = health.as_slot_info() if health is not None else None
+        self.slot_level = reading.level
+        if self._action is not None or reading.at < self._settled:
+            return
+        policy = self.settings.thresholds.policy
+        if reading.level == "policy":
+            if self._resync_requested:
+                self._action = _Action("resync", f"{reading.message}; `run --resync` asked")
+            elif policy == "drop-and-resync":
+                self._action = _Action("resync", f"{reading.message}; policy drop-and-resync")
+            elif policy == "pause-and-alert":
+                self._action = _Action("pause", reading.message)
+        elif reading.level == "lost" and self.connected.is_set():
+            # The server ends our walsender when it invalidates the slot; if we got here
+            # first, end the session: the next one finds the slot lost and says what to do.
+            self._action = _Action("recheck", reading.message)
+
+    def _act(self, action: _Action, sink: CaptureSink, stop: threading.Event) -> None:
+        """Applies what the monitor asked; meanwhile and for the readings begun before it
+        ends, the monitor asks nothing more (they may be about the slot that was dropped)."""
+        try:
+            sink.rollback()  # a large transaction's stored part, if the session ended in one
+            if action.kind == "pause":
+                self._pause(action.reason, stop)
+            elif action.kind == "resync":
+                self._resync(sink, action.reason)
+        finally:
+            self._settled = time.monotonic()
+            self._action = None
+
+    def _pause(self, reason: str, stop: threading.Event) -> None:
+        """Policy ``pause-and-alert``: no capture, the slot kept, a report until someone acts.
+
+        Capture resumes by itself only if the slot falls back under the policy threshold
+        (someone made it consume or advance) or disappears or is invalidated (the next
+        session says what that means); otherwise an operator restarts pgherald with
+        other thresholds, or with ``--resync``.
+        """
+        slot = self.settings.slot
+        message = (
+            f"{reason}; policy pause-and-alert: capture from slot {slot!r} is paused and the"
+            " slot is kept, so nothing is lost, but it keeps holding WAL. To go on, either let"
+            ' capture catch up (raise policy_retained_wal or set policy = "alert" in'
+            " [slot_safety], then restart pgherald), or give up the backlog with `pgherald"
+            " run --resync` (drops the slot, records a gap event and reads the watched tables"
+            " again)"
+        )
+        self.paused = message
+        self.connected.clear()
+        log.error("%s", message)
+        if self.monitor is not None:
+            self.monitor.record(message, {"slot": slot, "action": "paused"})
+        repeat = self.monitor.repeat if self.monitor is not None else 300.0
+        told = time.monotonic()
+        try:
+            while not stop.wait(min(self.settings.slot_check_interval, 1.0)):
+                reading = self.monitor.reading if self.monitor is not None else None
+                if reading is not None and reading.level != "policy":
+                    log.warning(
+                        "replication slot %r is no longer over the policy threshold (%s):"
+                        " capture resumes",
+                        slot,
+                        reading.level,
+                    )
+                    return
+                if time.monotonic() - told >= repeat:
+                    told = time.monotonic()
+                    log.error("%s", message)
+        finally:
+            self.paused = None
+
+    def _gap_start(self, sink: CaptureSink, checkpoint: str | None) -> Bound:
+        """Where the uncertain range begins: the latest point known stored.
+
+        Each candidate is safe on its own (everything before it is in the change log, or
+        was of no watched table): the checkpoint, the old slot's confirmed position, the
+        last acknowledged heartbeat or durable commit, and the commit time of the last
+        stored event.
+        """
+        slot = self.settings.slot
+        candidates: list[Bound | None] = [self._safe]
+        if checkpoint:
+            candidates.append(Bound(parse_lsn(checkpoint), None))
+        if self.slot_health is not None and self.slot_health.confirmed_flush_lsn:
+            candidates.append(Bound(parse_lsn(self.slot_health.confirmed_flush_lsn), None))
+        beat = sink.checkpoint(heartbeat_name(slot))
+        if beat:
+            with contextlib.suppress(ValueError, KeyError, TypeError):
+                candidates.append(Bound.from_json(json.loads(beat)))
+        last_commit = getattr(sink, "last_commit_time", None)
+        if last_commit is not None:
+            when = last_commit([w.name for w in self.watches])
+            if when is not None:
+                candidates.append(Bound(0, when))
+        return later(*candidates) or Bound(0, None)
+
+    def _resync(self, sink: CaptureSink, reason: str) -> None:
+        """Drops the slot, records the gap, recreates the slot, and has every watched table
+        read again; safe to repeat after a crash at any step.
+
+        1. The resync and the point it starts from are saved in the change log (checkpoint
+           ``resync:<slot>``) before anything is dropped.
+        2. The slot is dropped and created again; its consistent point ends the gap.
+        3. One store transaction holds a ``gap`` event per watch, the new slot's position
+           as the checkpoint, each watch's snapshot progress reset to its first row, and
+           the resync marked done. A crash before it commits repeats steps 2 and 3 at the
+           next start (``_finish_resync``), so no reader is left with a silent hole.
+        """
+        sink.rollback()
+        slot = self.settings.slot
+        checkpoint = sink.checkpoint()
+        start = self._gap_start(sink, checkpoint)
+        pending = Resync(reason, start)
+        position = max(start.lsn, parse_lsn(checkpoint) if checkpoint else 0)
+        sink.commit(format_lsn(position), {resync_name(slot): pending.to_text()})
+        log.error(
+            "%s: dropping replication slot %r, recording a gap from %s and reading the"
+            " watched tables again",
+            reason,
+            slot,
+            format_lsn(start.lsn),
+        )
+        self._finish_resync(sink, pending)
+
+    def _finish_resync(self, sink: CaptureSink, pending: Resync) -> None:
+        slot = self.settings.slot
+        with connect(
+            self.settings.dsn, autocommit=True, application_name="pgherald-catalog"
+        ) as conn:
+            logical_admin.drop_slot(conn, slot)
+            lsn, created = logical_admin.create_slot_at(conn, slot)
+        end = Bound(parse_lsn(lsn), created)
+        meta = gap_meta(slot, pending.reason, pending.start, end)
+        sink.write(gap_events(self.watches, meta, end))
+        extra = {progress_name(w.name): restart_progress("resync") for w in self.watches}
+        extra[resync_name(slot)] = RESYNC_DONE
+        sink.commit(format_lsn(end.lsn), extra)
+        self.stored_lsn = end.lsn
+        self._safe = end
+        self._resync_requested = False
+        message = (
+            f"replication slot {slot!r} recreated at {lsn}: a gap event was recorded for"
+            f" {len(self.watches)} watch(es) ({meta['uncertain']})"
+        )
+        log.error("%s", message)
+        if self.monitor is not None:
+            self.monitor.record(message, {**meta, "action": "resynced"})
+
+    def _recover(self, sink: CaptureSink) -> None:
+        """Finishes a resync that a crash interrupted (see ``_resync``)."""
+        marker = sink.checkpoint(resync_name(self.settings.slot))
+        if marker and marker != RESYNC_DONE:
+            pending = Resync.from_text(marker)
+            if pending is not None:
+                log.warning(
+                    "finishing the resync of slot %r that was interrupted: %s",
+                    self.settings.slot,
+                    pending.reason,
+                )
+                self._finish_resync(sink, pending)
+
     # -- the replication session -----------------------------------------------------
 
     def run(self, sink: CaptureSink, stop: threading.Event) -> None:
-        """Captures until ``stop`` is set; transient connection failures are retried."""
+        """Captures until ``stop`` is set; transient connection failures are retried.
+
+        The slot monitor runs beside it all along (``slot_safety``); the first check is
+        made before the first session, so a slot already over a threshold is dealt with
+        before capture streams from it.
+        """
+        self._start_monitor(sink)
+        try:
+            self._run(sink, stop)
+        finally:
+            if self.monitor is not None:
+                self.monitor.close()
+                self.monitor = None
+
+    def _start_monitor(self, sink: CaptureSink) -> None:
+        s = self.settings
+        report = getattr(sink, "record_error", None)
+        monitor = SlotMonitor(
+            s.dsn, s.slot, s.thresholds, s.slot_check_interval, self._on_reading, report
+        )
+        try:
+            monitor.report_limit()
+            monitor.check()
+        except (psycopg.OperationalError, ConnectionFailed) as e:
+            if isinstance(e, ConnectionFailed) and not self._ever_connected:
+                raise  # a configuration problem: say so at once (see ``_run``)
+            log.warning("cannot check replication slot %r yet: %s", s.slot, e)
+        self.monitor = monitor.start()
+
+    def _run(self, sink: CaptureSink, stop: threading.Event) -> None:
         delay = self.settings.reconnect_min
         while not stop.is_set():
             try:
-                self._session(sink, stop)
+                self._recover(sink)
+                try:
+                    if self._action is None:
+                        self._session(sink, stop)
+                except _ResyncNeeded as e:
+                    self._action = _Action("resync", str(e))
+                action = self._action
+                if action is not None and not stop.is_set():
+                    self._act(action, sink, stop)
                 delay = self.settings.reconnect_min
             except (
                 psycopg2.DatabaseError,  # OperationalError, and the bare kind below
@@ -578,29 +832,36 @@ class LogicalSource:
                 delay = min(delay * 2, self.settings.reconnect_max)
 
     def _session(self, sink: CaptureSink, stop: threading.Event) -> None:
+        """One replication session, until ``stop`` or until the slot monitor asks for an
+        action (``_action``): everything read by then is stored and acknowledged."""
         checkpoint = sink.checkpoint()
         with connect(
             self.settings.dsn, autocommit=True, application_name="pgherald-catalog"
         ) as catalog:
             self.prepare_slot(catalog, checkpoint)
+            if self._resync_requested:
+                log.info(
+                    "--resync: replication slot %r is there and under the policy threshold;"
+                    " nothing to resync",
+                    self.settings.slot,
+                )
+                self._resync_requested = False
             apply_canonical_settings(catalog)  # snapshot chunks are read as text, like pgoutput's
             assembler = TransactionAssembler(self.watches, self._type_names(catalog))
             shapes = sink.last_shapes([w.name for w in self.watches])
             for w in self.watches:
                 if w.name in shapes:
                     assembler.seed_shape(w.schema, w.table, shapes[w.name])
+            # A watch reads its table when it asked for an initial snapshot, or when the slot
+            # was recreated (a resync stored a restart as its progress).
+            progress = {w.name: sink.checkpoint(progress_name(w.name)) for w in self.watches}
             self._snapshots = [
                 snap
                 for w in self.watches
-                if w.snapshot
+                if w.snapshot or progress[w.name] is not None
                 for snap in [
                     TableSnapshot.resume(
-                        w.name,
-                        w.schema,
-                        w.table,
-                        w.key_columns,
-                        w.columns,
-                        sink.checkpoint(progress_name(w.name)),
+                        w.name, w.schema, w.table, w.key_columns, w.columns, progress[w.name]
                     )
                 ]
                 if not snap.done
@@ -645,23 +906,12 @@ class LogicalSource:
             cur.send_feedback(flush_lsn=self.stored_lsn, force=force)
 
     def _housekeeping(self, catalog: psycopg.Connection[Any], now: float) -> None:
-        """Heartbeats and slot checks, run while the stream is idle."""
+        """Heartbeats, written while the stream is idle (the slot monitor has its own
+        thread: it must report even when this one is stuck)."""
         s = self.settings
         if s.heartbeat_interval and now - self._last_heartbeat >= s.heartbeat_interval:
             emit_heartbeat(catalog)
             self._last_heartbeat = now
-        if now - self._last_slot_check >= s.slot_check_interval:
-            self._last_slot_check = now
-            self.slot_status = logical_admin.slot_info(catalog, s.slot)
-            retained = self.slot_status.retained_bytes if self.slot_status else None
-            if retained is not None and retained > s.warn_retained_bytes:
-                log.warning(
-                    "replication slot %s holds back %d MB of WAL (warning above %d MB):"
-                    " PostgreSQL keeps it until pgherald has stored the changes",
-                    s.slot,
-                    retained >> 20,
-                    s.warn_retained_bytes >> 20,
-                )
 
     def _stream(
         self,
@@ -698,6 +948,7 @@ class LogicalSource:
         in_txn = False
         skip_txn = False
         pending_end = 0  # end LSN of the last complete transaction not yet handed to the writer
+        pending_time: datetime | None = None  # and its commit time
         pending_since = 0.0
         pending_events = 0
         pending_extra: dict[str, str] = {}
@@ -708,6 +959,7 @@ class LogicalSource:
         def acknowledge() -> None:
             if writer.durable > self.stored_lsn:
                 self.stored_lsn = writer.durable
+                self._safe = Bound(writer.durable, writer.durable_time)
                 self._acknowledge(cur)
 
         last_flush = 0.0
@@ -720,7 +972,7 @@ class LogicalSource:
         def flush(wait: bool = False) -> None:
             nonlocal buffer, pending_end, pending_events, last_flush
             last_flush = time.monotonic()
-            writer.submit(buffer, pending_end, dict(pending_extra))
+            writer.submit(buffer, pending_end, dict(pending_extra), pending_time)
             buffer = []  # the writer owns the old list now
             pending_extra.clear()
             pending_end = 0
@@ -729,7 +981,7 @@ class LogicalSource:
                 writer.drain()
             acknowledge()
 
-        while not stop.is_set():
+        while not stop.is_set() and self._action is None:
             msg = cur.read_message()
             if msg is None:
                 if pending_end and not in_txn and ready(time.monotonic()):
@@ -800,6 +1052,7 @@ class LogicalSource:
                 if not pending_end:
                     pending_since = now
                 pending_end = end_lsn
+                pending_time = asm.commit_time
                 if snaps and not snaps[0].awaiting:
                     # Under a steady stream there is no idle moment: read chunks as we go.
                     snaps[0].read_chunk(catalog, s.snapshot_chunk_size, asm.type_names)
@@ -855,7 +1108,18 @@ class LogicalSource:
                         writer.drain()
                         acknowledge()
                     if m.lsn > self.stored_lsn:
+                        # Saved as the checkpoint too (with the time the heartbeat was
+                        # written), so the change log follows the slot, and a gap that
+                        # must be recorded later starts from here at the earliest.
+                        beat = Bound(m.lsn, heartbeat_time(m.content))
                         self.stored_lsn = m.lsn
+                        self._safe = beat
+                        writer.submit(
+                            [],
+                            m.lsn,
+                            {heartbeat_name(self.settings.slot): json.dumps(beat.to_json())},
+                            beat.time,
+                        )
                         self._acknowledge(cur)
             elif isinstance(m, TypeMsg | Origin):
                 pass
@@ -889,13 +1153,17 @@ class _StoreWriter:
     def __init__(self, sink: CaptureSink, depth: int = 2) -> None:
         self._sink = sink
         self._depth = depth
-        self._jobs: deque[tuple[list[ChangeEvent], int, dict[str, str] | None]] = deque()
+        self._jobs: deque[tuple[list[ChangeEvent], int, dict[str, str] | None, datetime | None]] = (
+            deque()
+        )
         self._cond = threading.Condition()
         self._failure: BaseException | None = None
         self._closing = False
         self.busy = 0
         """Jobs queued or running."""
         self.durable = 0
+        self.durable_time: datetime | None = None
+        """The commit time of what ``durable`` ends (None if unknown)."""
         self.wakeup, self._wake = os.pipe()
         """Readable after a job finished, so the reader can wait on it with its socket."""
         os.set_blocking(self.wakeup, False)
@@ -910,14 +1178,19 @@ class _StoreWriter:
                 pass
 
     def submit(
-        self, events: list[ChangeEvent], position: int, extra: dict[str, str] | None
+        self,
+        events: list[ChangeEvent],
+        position: int,
+        extra: dict[str, str] | None,
+        when: datetime | None = None,
     ) -> None:
-        """Queues writing ``events`` and then, unless ``position`` is 0, committing up to it."""
+        """Queues writing ``events`` and then, unless ``position`` is 0, committing up to it
+        (``when``: the commit time of the transaction that ends at ``position``)."""
         with self._cond:
             while self.busy >= self._depth and self._failure is None:
                 self._cond.wait()
             self.check()
-            self._jobs.append((events, position, extra))
+            self._jobs.append((events, position, extra, when))
             self.busy += 1
             self._cond.notify_all()
 
@@ -951,13 +1224,14 @@ class _StoreWriter:
                     self._cond.wait()
                 if not self._jobs:
                     return
-                events, position, extra = self._jobs[0]
+                events, position, extra, when = self._jobs[0]
             try:
                 if self._failure is None:
                     if events:
                         self._sink.write(events)
                     if position:
                         self._sink.commit(format_lsn(position), extra)
+                        self.durable_time = when
                         self.durable = position
             except BaseException as e:  # handed to the reader
                 self._failure = e
@@ -1001,5 +1275,61 @@ def _replication_error(e: Exception) -> str:
 
 
 def emit_heartbeat(conn: psycopg.Connection[Any]) -> None:
-    """Writes a tiny non-transactional WAL message, so an idle database's slot can advance."""
-    conn.execute("SELECT pg_logical_emit_message(false, %s, '')", (HEARTBEAT_PREFIX,))
+    """Writes a tiny non-transactional WAL message, so an idle database's slot can advance.
+
+    It carries the time it was written (seconds since the epoch), which dates the
+    position it lets capture acknowledge.
+    """
+    conn.execute(
+        "SELECT pg_logical_emit_message(false, %s, extract(epoch FROM clock_timestamp())::text)",
+        (HEARTBEAT_PREFIX,),
+    )
+
+
+def heartbeat_time(content: bytes) -> datetime | None:
+    """The time a heartbeat was written, from its content (None for an empty one)."""
+    try:
+        return datetime.fromtimestamp(float(content.decode()), UTC)
+    except (ValueError, UnicodeDecodeError, OverflowError):
+        return None
+
+
+def gap_events(
+    watches: Sequence[LogicalWatch], meta: Mapping[str, Any], end: Bound
+) -> list[ChangeEvent]:
+    """One ``gap`` event per watch: the change log may miss changes in the range ``meta``
+    names. Its position is the new slot's consistent point, where capture starts again."""
+    captured = datetime.now(UTC)
+    return [
+        ChangeEvent(
+            event_id=f"G/{end.lsn:016X}/{i}",
+            watch=w.name,
+            op="gap",
+            schema=w.schema,
+            table=w.table,
+            key={},
+            old=None,
+            new=None,
+            changed=(),
+            xid=None,
+            position=format_lsn(end.lsn),
+            commit_time=end.time,
+            captured_at=captured,
+            method="logical",
+            seq=i,
+            meta=dict(meta),
+        )
+        for i, w in enumerate(watches, 1)
+    ]
+
+
+@dataclass(frozen=True)
+class _Action:
+    """What the slot monitor asked of the source: ``pause``, ``resync`` or ``recheck``."""
+
+    kind: str
+    reason: str
+
+
+class _ResyncNeeded(Exception):
+    """The slot is gone or invalidated behind a checkpoint, and a resync is allowed."""

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 import psycopg
 from psycopg import sql
 
+from pgherald.db.sqlfiles import named_query
 from pgherald.errors import CaptureError, WatchError
 
 REPLICA_IDENTITIES = {"d": "default", "n": "nothing", "f": "full", "i": "index"}
@@ -111,10 +113,13 @@ def slot_info(conn: psycopg.Connection[Any], slot: str) -> SlotInfo | None:
 
 def create_slot(conn: psycopg.Connection[Any], slot: str) -> str:
     """Creates a logical slot for pgoutput and returns its starting LSN."""
+    return create_slot_at(conn, slot)[0]
+
+
+def create_slot_at(conn: psycopg.Connection[Any], slot: str) -> tuple[str, datetime]:
+    """Creates a logical slot for pgoutput: its consistent point and when it was reached."""
     try:
-        row = conn.execute(
-            "SELECT lsn::text FROM pg_create_logical_replication_slot(%s, 'pgoutput')", (slot,)
-        ).fetchone()
+        row = conn.execute(named_query("logical.sql", "create_slot"), {"slot": slot}).fetchone()
     except psycopg.errors.ObjectNotInPrerequisiteState as e:
         raise CaptureError(
             f"cannot create replication slot {slot!r}: {e.diag.message_primary}"
@@ -132,7 +137,7 @@ def create_slot(conn: psycopg.Connection[Any], slot: str) -> str:
             " drop an unused slot or raise max_replication_slots"
         ) from e
     assert row is not None
-    return str(row[0])
+    return str(row[0]), row[1]
 
 
 def drop_slot(conn: psycopg.Connection[Any], slot: str) -> bool:

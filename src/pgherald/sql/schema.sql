@@ -82,7 +82,7 @@ CREATE TABLE events (
     event_id text NOT NULL UNIQUE,                   -- stable across replays: the idempotency key
     watch text NOT NULL,
     op text NOT NULL
-        CHECK (op IN ('insert', 'update', 'delete', 'truncate', 'read', 'schema', 'message')),
+        CHECK (op IN ('insert', 'update', 'delete', 'truncate', 'read', 'schema', 'message', 'gap')),
     schema_name text NOT NULL,
     table_name text NOT NULL,
     row_key text,                                    -- JSON array of the key columns' texts
@@ -309,4 +309,4 @@ CREATE TABLE web_secrets (
     created_at timestamptz NOT NULL DEFAULT now()
 );
 
-INSERT INTO schema_version (version) VALUES (6);
+INSERT INTO schema_version (version) VALUES (7);

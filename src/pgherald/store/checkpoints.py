@@ -7,6 +7,8 @@ the checkpoint and the replayed events are ones the log already skips.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from datetime import datetime
 from typing import Any
 
 import psycopg
@@ -31,3 +33,20 @@ def save_checkpoint(conn: psycopg.Connection[Any], schema: str, source: str, pos
     """Saves ``source``'s position in the caller's transaction (it commits, not us)."""
     with in_schema(conn, schema):
         conn.execute(query("save_checkpoint"), {"source": source, "position": position})
+
+
+def last_commit_time(
+    conn: psycopg.Connection[Any], schema: str, watches: Sequence[str]
+) -> datetime | None:
+    """The commit time of the newest event stored for any of ``watches`` (None if none).
+
+    Logical capture dates the start of a gap with it: the change log is complete up to
+    that commit, whatever happened to the slot since.
+    """
+    with in_schema(conn, schema):
+        row = (
+            conn.cursor(row_factory=tuple_row)
+            .execute(query("last_commit_time"), {"watches": list(watches)})
+            .fetchone()
+        )
+    return row[0] if row else None
