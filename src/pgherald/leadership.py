@@ -240,7 +240,7 @@ class Leadership:
             self._thread.join(timeout)
 
     def _run(self) -> None:
-        delay = self.retry
+        said: str | None = None
         try:
             while not self._closing.is_set():
                 if self._conn is None:
@@ -250,15 +250,18 @@ class Leadership:
                         continue
                     try:
                         self._conn = self._connect()
-                        delay = self.retry
+                        said = None
                     except (psycopg.Error, ConnectionFailed) as e:
-                        log.warning(
-                            "leadership: cannot connect (%s); trying again in %.0f s",
-                            _line(e),
-                            delay,
-                        )
-                        self._closing.wait(delay)
-                        delay = min(delay * 2, 10.0)
+                        # Every second, as a standby tries the lock: a server that is back
+                        # gets its leader back at once. Said once per different reason.
+                        if _line(e) != said:
+                            said = _line(e)
+                            log.warning(
+                                "leadership: cannot connect (%s); trying every %.0f s",
+                                said,
+                                self.retry,
+                            )
+                        self._closing.wait(self.retry)
                         continue
                 try:
                     self._tick(self._conn)

@@ -400,7 +400,9 @@ def test_sigkill_of_the_leader_mid_workload_loses_and_duplicates_nothing(
             samples = 0
             while time.monotonic() < deadline:
                 held = leads()
-                assert held["logical"] == held["trigger"] == first.pid, held
+                assert held["logical"] == held["trigger"] == first.pid, (
+                    f"{held}\n{first.log()[-3000:]}"
+                )
                 assert second.alive(), second.log()[-3000:]
                 assert workload.problem() is None, workload.problem()
                 samples += 1
