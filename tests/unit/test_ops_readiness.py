@@ -132,6 +132,17 @@ def test_a_standby_is_not_judged_until_it_leads(request: Any) -> None:
     assert probe(None) == []
 
 
+def test_a_listen_standby_is_not_judged_until_it_leads(request: Any) -> None:
+    capture = FakeCapture(f"s_{request.node.name}"[:60])
+    capture.listen = FakeSource()  # type: ignore[assignment]  # another instance listens
+    role = FakeRole()
+    capture.leadership = FakeLeadership({"listen:pgherald": role})  # type: ignore[attr-defined]
+    probe = CaptureProbe(capture, stall=60, clock=Clock())
+    assert probe(None) == []
+    role.leading.set()
+    assert probe(None) == ["listen capture is not connected"]
+
+
 def test_delivery_probe() -> None:
     @dataclass
     class Part:

@@ -29,6 +29,7 @@ from pgherald.config import Settings
 from pgherald.errors import PgHeraldError
 from pgherald.ops import measure, status
 from pgherald.ops.status import Probe
+from pgherald.sources.listen_capture import checkpoint_name as listen_checkpoint
 from pgherald.sources.logical import checkpoint_name as logical_checkpoint
 from pgherald.sources.trigger import checkpoint_name as trigger_checkpoint
 
@@ -96,7 +97,7 @@ class CaptureProbe:
         parts = (
             ("logical capture", c.source, self.logical_name),
             ("trigger capture", c.trigger, self.trigger_name),
-            ("listen capture", c.listen, None),
+            ("listen capture", c.listen, listen_checkpoint(c.settings.schema)),
         )
         for title, source, role in parts:
             if source is None:
