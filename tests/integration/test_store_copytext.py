@@ -63,3 +63,20 @@ def test_any_text_and_text_array_survive_copy(db_primary: Database) -> None:
             assert got == rows
 
         roundtrip()
+
+
+def test_any_text_array_survives_as_a_parameter(db_primary: Database) -> None:
+    """``array_literal``: the field rows of direct updates go to the server as parameters."""
+    with db_primary.connect() as conn:
+
+        @settings(
+            max_examples=300,
+            deadline=None,
+            suppress_health_check=[HealthCheck.function_scoped_fixture],
+        )
+        @given(st.lists(st.none() | texts, max_size=6))
+        def roundtrip(values: list[str | None]) -> None:
+            row = conn.execute(b"SELECT %s::text[]", (copytext.array_literal(values),)).fetchone()
+            assert row is not None and row[0] == values
+
+        roundtrip()

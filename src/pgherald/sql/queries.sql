@@ -379,6 +379,30 @@ COPY events (
     commit_time, captured_at, method, seq, old_values_source, meta
 ) FROM STDIN
 
+-- name: reserve_event_ids
+-- The log ids of a direct batch whose updates have field rows, which must name their
+-- event's id: taken from the log's own sequence under the append lock, so they follow
+-- the ids before them as COPY's defaults would have (a rolled-back batch leaves a gap,
+-- as any rolled-back insert does).
+SELECT nextval(q.seq)
+FROM (SELECT pg_get_serial_sequence('events', 'id')::regclass AS seq) AS q,
+     generate_series(1, %(n)s::integer)
+
+-- name: copy_events_with_ids
+COPY events (
+    id, event_id, watch, op, schema_name, table_name, row_key, key_columns, shape_id,
+    old_shape_id, old_values, new_values, unchanged, old_unchanged, changed, xid, position,
+    commit_time, captured_at, method, seq, old_values_source, meta
+) FROM STDIN
+
+-- name: insert_event_fields
+-- The field rows of a direct batch's updates, made by ChangeLog as insert_events makes
+-- them from the stored rows (each changed column's old and new text), sent as arrays in
+-- the pipeline that ends the append: no round trip of their own.
+INSERT INTO event_fields (event_id, column_name, old_value, new_value)
+SELECT *
+FROM unnest(%(ids)s::bigint[], %(names)s::text[], %(olds)s::text[], %(news)s::text[])
+
 -- name: direct_end
 -- Sent in a pipeline with restore_search_path (and the caller's statements); a COMMIT
 -- that ends the pipeline releases the savepoint itself.

@@ -7,11 +7,12 @@ updates that lack their old row from the log itself, and insert events and field
 with one ``INSERT ... SELECT ... ON CONFLICT (event_id) DO NOTHING``. The last makes a
 replayed batch harmless, which is what exactly-once into the log rests on.
 
-Batches that need none of that set-based work (no update to complete from the log, no
-field rows: inserts, deletes, truncates, schema events, snapshot reads, which is most of
-what capture sees) are COPYed straight into ``events`` instead, inside a savepoint; a
-duplicate ``event_id`` rolls back to it and the batch takes the idempotent path. See
-``ChangeLog.append`` for why that is sound and what it saves.
+Batches that need none of that set-based work (nothing to complete from the log:
+inserts, deletes, truncates, schema events, snapshot reads, and updates that carry both
+rows whole, as snapshot runs, trigger capture and REPLICA IDENTITY FULL send them) are
+COPYed straight into ``events`` instead, inside a savepoint, with their updates' field
+rows made in Python; a duplicate ``event_id`` rolls back to it and the batch takes the
+idempotent path. See ``ChangeLog.append`` for why that is sound and what it saves.
 """
 
 from __future__ import annotations
@@ -246,6 +247,64 @@ def _array_fields(image: RowImage) -> tuple[str, str]:
     return ct.text_array(texts), ct.NULL  # type: ignore[arg-type]  # no UNCHANGED_TOAST
 
 
+def _whole_update(e: ChangeEvent) -> bool:
+    """An update that carries both rows whole (no unchanged TOAST value on either side):
+    nothing to complete from the log, so it can take the direct path, as snapshot
+    updates, trigger capture's and REPLICA IDENTITY FULL's always can."""
+    old, new = e.old, e.new
+    return (
+        old is not None
+        and new is not None
+        and UNCHANGED_TOAST not in new.texts
+        and UNCHANGED_TOAST not in old.texts
+    )
+
+
+class _Fields:
+    """The field rows of a direct batch's updates, as ``insert_events`` makes them from the
+    stored rows: one per changed column (first mention), with the column's text in the old
+    row and in the new one (first column of that name; NULL where the row lacks it)."""
+
+    __slots__ = ("ids", "names", "news", "olds", "positions")
+
+    def __init__(self) -> None:
+        self.ids: list[str] = []
+        self.names: list[str] = []
+        self.olds: list[str | None] = []
+        self.news: list[str | None] = []
+        self.positions: dict[int, tuple[RowShape, dict[str, int]]] = {}
+
+    def _positions(self, shape: RowShape) -> dict[str, int]:
+        found = self.positions.get(id(shape))
+        if found is not None and found[0] is shape:
+            return found[1]
+        names = shape.names
+        first = {n: i for i, n in reversed(list(enumerate(names)))}  # array_position
+        self.positions[id(shape)] = (shape, first)
+        return first
+
+    def add(self, log_id: int, e: ChangeEvent) -> None:
+        old, new = e.old, e.new
+        assert old is not None and new is not None
+        old_at, new_at = self._positions(old.shape), self._positions(new.shape)
+        old_texts, new_texts = old.texts, new.texts
+        event = str(log_id)
+        for name in dict.fromkeys(e.changed) if len(e.changed) > 1 else e.changed:
+            i, j = old_at.get(name), new_at.get(name)
+            self.ids.append(event)
+            self.names.append(name)
+            self.olds.append(None if i is None else cast(str | None, old_texts[i]))
+            self.news.append(None if j is None else cast(str | None, new_texts[j]))
+
+    def params(self) -> dict[str, str]:
+        return {
+            "ids": "{" + ",".join(self.ids) + "}",
+            "names": ct.array_literal(self.names),
+            "olds": ct.array_literal(self.olds),
+            "news": ct.array_literal(self.news),
+        }
+
+
 def enter_statements(
     conn: psycopg.Connection[Any], schema: str
 ) -> list[tuple[LiteralString, dict[str, Any]]]:
@@ -434,8 +493,9 @@ class ChangeLog:
         kept as ``UNCHANGED_TOAST``. On an autocommit connection the batch is a transaction
         of its own.
 
-        Two ways to store, one result. A batch with no update in it needs nothing from the
-        staging table (nothing to complete from the log, no field rows), so it is COPYed
+        Two ways to store, one result. A batch whose updates (if any) carry both rows
+        whole needs nothing from the staging table (nothing to complete from the log; the
+        field rows are each changed column's two texts, which Python has), so it is COPYed
         straight into ``events`` inside a savepoint: no staging rows, no join, no ON
         CONFLICT probe, which is most of the server's work per event. That is sound
         because the unique index on ``event_id`` still guards the log: if any event of the
@@ -478,7 +538,7 @@ class ChangeLog:
                 batch.append(e)
         with store_errors(self.schema), transaction_for(self.conn):
             stored: int | None = None
-            if not any(e.op == "update" for e in batch):
+            if all(e.op != "update" or _whole_update(e) for e in batch):
                 stored = self._append_direct(batch, then, commit, announce)
             if stored is None:
                 stored = self._append_staged(batch, then, commit, announce)
@@ -543,13 +603,22 @@ class ChangeLog:
         commit: bool,
         notify: str | None,
     ) -> int | None:
-        """COPYs a batch without updates straight into ``events``; ``None`` if one was there.
+        """COPYs a batch that needs nothing completed straight into ``events``; ``None`` if
+        one of its events was there already.
 
         Three round trips whatever the batch's size: one pipeline (enter the schema, take
-        the append lock, set a savepoint, store the batch's shapes and learn their ids),
-        COPY, and one pipeline to release the savepoint (with ``then``, the NOTIFY and the
-        COMMIT, which releases it anyway). Round trips count: a busy server answers each
-        after its run queue.
+        the append lock, set a savepoint, store the batch's shapes and learn their ids,
+        reserve the log ids if updates need field rows), COPY, and one pipeline to release
+        the savepoint (with the field rows, ``then``, the NOTIFY and the COMMIT, which
+        releases it anyway). Round trips count: a busy server answers each after its run
+        queue.
+
+        Updates (whole rows on both sides, see ``_whole_update``) name their field rows
+        by log id, so a batch with field rows takes its ids from the log's sequence first
+        (``reserve_event_ids``, under the append lock) and COPYs them with the events.
+        A replay fails the COPY on ``event_id`` as before, so no field row is ever written
+        for an event that was not: the staged path then skips the stored ones and their
+        fields alike.
 
         Shape ids that this connection saw committed (``commit=True``) are remembered, so
         that the usual batch, whose shapes are all known, skips storing and looking them
@@ -559,15 +628,19 @@ class ChangeLog:
         """
         conn = self.conn
         shapes: dict[int, RowShape] = {}
+        with_fields = False
         for e in batch:
             if e.new is not None:
                 shapes[id(e.new.shape)] = e.new.shape
             if e.old is not None:
                 shapes[id(e.old.shape)] = e.old.shape
+            if e.changed and e.op == "update":
+                with_fields = True
         infos = {key: self._shape(shape) for key, shape in shapes.items()}
         by_digest = {info.digest: info.columns for info in infos.values()}
         known = self._committed_shape_ids
-        if all(digest in known for digest in by_digest):
+        reserved: psycopg.Cursor[TupleRow] | None = None
+        if all(digest in known for digest in by_digest) and not with_fields:
             if conn.info.transaction_status == pq.TransactionStatus.IDLE:
                 # psycopg would send BEGIN in a round trip of its own before a simple
                 # query; in a pipeline it goes with the statements: one round trip.
@@ -582,31 +655,62 @@ class ChangeLog:
                 conn.execute(enter_sql(self.schema, _LOCK_AND_SAVEPOINT))
             ids_by_digest = {digest: known[digest] for digest in by_digest}
         else:
+            found: psycopg.Cursor[TupleRow] | None = None
             with conn.pipeline():
                 for statement in enter_statements(conn, self.schema):
                     conn.execute(*statement)
                 conn.execute(query("append_lock"))
                 conn.execute(query("direct_begin"))
-                conn.execute(
-                    query("upsert_shapes"),
-                    {"digests": list(by_digest), "columns": [Jsonb(c) for c in by_digest.values()]},
-                )
-                found = conn.cursor(row_factory=tuple_row)
-                found.execute(query("shape_ids"), {"digests": list(by_digest)})
-            rows = found.fetchall()
-            ids_by_digest = {str(digest): str(shape_id) for digest, shape_id in rows}
+                if not all(digest in known for digest in by_digest):
+                    conn.execute(
+                        query("upsert_shapes"),
+                        {
+                            "digests": list(by_digest),
+                            "columns": [Jsonb(c) for c in by_digest.values()],
+                        },
+                    )
+                    found = conn.cursor(row_factory=tuple_row)
+                    found.execute(query("shape_ids"), {"digests": list(by_digest)})
+                if with_fields:
+                    reserved = conn.cursor(row_factory=tuple_row)
+                    reserved.execute(query("reserve_event_ids"), {"n": len(batch)})
+            if found is None:
+                ids_by_digest = {digest: known[digest] for digest in by_digest}
+            else:
+                rows = found.fetchall()
+                ids_by_digest = {str(digest): str(shape_id) for digest, shape_id in rows}
         shape_ids = {key: ids_by_digest[info.digest] for key, info in infos.items()}
+        fields: _Fields | None = None
         try:
-            with conn.cursor() as cur, cur.copy(query("copy_events")) as copy:
+            with conn.cursor() as cur:
                 line = _DirectLines(shape_ids).line
-                for start in range(0, len(batch), _COPY_CHUNK):
-                    chunk = [line(e) for e in batch[start : start + _COPY_CHUNK]]
-                    copy.write("\n".join(chunk) + "\n")
+                if reserved is None:
+                    with cur.copy(query("copy_events")) as copy:
+                        for start in range(0, len(batch), _COPY_CHUNK):
+                            chunk = [line(e) for e in batch[start : start + _COPY_CHUNK]]
+                            copy.write("\n".join(chunk) + "\n")
+                else:
+                    log_ids = sorted(int(r[0]) for r in reserved.fetchall())
+                    fields = _Fields()
+                    with cur.copy(query("copy_events_with_ids")) as copy:
+                        for start in range(0, len(batch), _COPY_CHUNK):
+                            chunk = []
+                            for log_id, e in zip(
+                                log_ids[start : start + _COPY_CHUNK],
+                                batch[start : start + _COPY_CHUNK],
+                                strict=True,
+                            ):
+                                chunk.append(f"{log_id}\t{line(e)}")
+                                if e.changed and e.op == "update":
+                                    fields.add(log_id, e)
+                            copy.write("\n".join(chunk) + "\n")
         except (psycopg.errors.UniqueViolation, psycopg.errors.ForeignKeyViolation):
             conn.execute(query("direct_undo"))
             known.clear()
             return None
         with conn.pipeline():
+            if fields is not None and fields.ids:
+                conn.execute(query("insert_event_fields"), fields.params())
             if not commit:
                 conn.execute(query("direct_end"))
             _finish(conn, then, commit, notify)

@@ -62,6 +62,16 @@ def text_array(values: Sequence[str | None] | None) -> str:
     return _escape("{" + ",".join([_element(v) for v in values]) + "}")
 
 
+def array_literal(values: Sequence[str | None]) -> str:
+    """A one-dimensional ``text[]`` literal, as a query parameter (not a COPY field):
+    every element quoted, so any text is safe; ``NULL`` for ``None``."""
+    if None not in values:
+        body = '","'.join(values)  # type: ignore[arg-type]  # no None, checked above
+        if body.count('"') == 2 * len(values) - 2 and "\\" not in body:
+            return '{"' + body + '"}'
+    return "{" + ",".join([_element(v) for v in values]) + "}"
+
+
 def integer(value: int | None) -> str:
     return NULL if value is None else str(int(value))
 
