@@ -67,7 +67,10 @@ def install(db: Database) -> Settings:
 class Running:
     """A logical source capturing in a thread of its own, into the change log."""
 
-    def __init__(self, db: Database, settings: Settings, policy: Policy, resync: bool) -> None:
+    def __init__(
+        self, db: Database, settings: Settings, policy: Policy, resync: bool, big: bool
+    ) -> None:
+        sizes = (1 << 30, 2 << 30, 4 << 30) if big else (WARN, CRITICAL, POLICY)
         self.source = LogicalSource(
             LogicalSettings(
                 dsn=db.dsn,
@@ -77,7 +80,7 @@ class Running:
                 slot_check_interval=0.2,
                 snapshot_chunk_size=2,
                 resync=resync,
-                thresholds=SlotThresholds(WARN, CRITICAL, POLICY, policy),
+                thresholds=SlotThresholds(*sizes, policy),
             ),
             logical_watches(settings),
         )
@@ -101,9 +104,14 @@ class Running:
 
 @contextmanager
 def capturing(
-    db: Database, settings: Settings, policy: Policy = "alert", resync: bool = False
+    db: Database,
+    settings: Settings,
+    policy: Policy = "alert",
+    resync: bool = False,
+    big: bool = False,
 ) -> Iterator[Running]:
-    run = Running(db, settings, policy, resync)
+    """Capture with the small thresholds, or (``big``) with thresholds of GBs."""
+    run = Running(db, settings, policy, resync, big)
     run.thread.start()
     try:
         yield run
@@ -488,3 +496,46 @@ def test_an_invalidated_slot_is_reported_and_resynced_by_policy(
     assert "invalidated" in gap.meta["reason"] and "drop-and-resync" in gap.meta["reason"]
     row = slot_row(db, settings.slot)
     assert row is not None and row[2] != "lost"
+
+
+def test_a_slot_invalidated_while_capture_runs_is_resynced(
+    private_cluster: EmbeddedCluster, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Capture is connected but cannot store (its store is locked) when the server
+    invalidates the slot under it: the session ends, and the next one finds the slot lost
+    and repairs it by policy, with the rows changed meanwhile read again."""
+    caplog.set_level(logging.INFO, logger="pgherald")
+    with psycopg.connect(private_cluster.dsn(), autocommit=True) as conn:
+        conn.execute("ALTER SYSTEM SET max_slot_wal_keep_size = '1MB'")
+        conn.execute("SELECT pg_reload_conf()")
+        conn.execute("CREATE DATABASE app")
+    db = Database(private_cluster, "app")
+    settings = install(db)
+    capture_once(db, settings)
+    # Thresholds of GBs: the server's 1 MB limit strikes first.
+    with capturing(db, settings, "drop-and-resync", big=True) as run:
+        wait_for(lambda: run.alive() or run.source.connected.is_set(), "capture")
+        with db.connect(autocommit=False) as blocker:
+            blocker.execute("LOCK TABLE pgherald.events IN EXCLUSIVE MODE")
+            db.execute("UPDATE t SET v = 'changed while the slot was lost' WHERE id = 5")
+            db.execute("DELETE FROM t WHERE id = 4")
+            invalidate(db, settings.slot)
+            blocker.rollback()
+        wait_for(
+            lambda: (
+                run.alive()
+                or db.execute(
+                    "SELECT 1 FROM pgherald.checkpoints WHERE source = 'snapshot:t'"
+                    " AND position = 'done'"
+                )
+            ),
+            "the table read again",
+        )
+        db.execute("INSERT INTO t VALUES (9, 'after')")
+        wait_for(lambda: run.alive() or "9" in keys(db, "insert"), "capture to go on")
+    log = events(db)
+    gaps = [e for e in log if e.op == "gap"]
+    assert len(gaps) == 1 and "was invalidated by PostgreSQL" in gaps[0].meta["reason"]
+    assert replay(log) == truth(db)
+    assert keys(db, "insert").count("9") == 1
+    assert records(caplog, logging.ERROR, "was invalidated by PostgreSQL")

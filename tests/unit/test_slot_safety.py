@@ -150,7 +150,8 @@ def test_the_words_say_what_is_held_back_against_what() -> None:
     assert "over the policy threshold of 1 MB" in policy and "policy alert" in policy
     lost = describe(health(None, wal_status="lost"), "lost", THRESHOLDS)
     assert "was invalidated by PostgreSQL" in lost and "max_slot_wal_keep_size" in lost
-    assert "unreserved" in describe(health(1, wal_status="unreserved"), "critical", THRESHOLDS)
+    unreserved = describe(health(1, wal_status="unreserved"), "critical", THRESHOLDS)
+    assert "wal_status = unreserved" in unreserved and "threshold" not in unreserved
 
 
 @pytest.mark.parametrize(

@@ -262,7 +262,11 @@ def describe(health: SlotHealth, level: Level, thresholds: SlotThresholds) -> st
         "critical": ("critical", thresholds.critical_bytes),
         "policy": ("policy", thresholds.policy_bytes),
     }.get(level)
-    over = f", over the {limit[0]} threshold of {format_size(limit[1])}" if limit else ""
+    over = (
+        f", over the {limit[0]} threshold of {format_size(limit[1])}"
+        if limit and (health.retained_bytes or 0) >= limit[1]
+        else ""
+    )
     line = f"replication slot {health.slot!r} holds back {held} of WAL{over}"
     if health.wal_status == "unreserved":
         line += (
