@@ -487,6 +487,14 @@ INSERT INTO checkpoints (source, position, updated_at)
 VALUES (%(source)s, %(position)s, now())
 ON CONFLICT (source) DO UPDATE SET position = EXCLUDED.position, updated_at = EXCLUDED.updated_at
 
+-- name: last_commit_time
+-- The newest event of each watch (by log order, on the (watch, id) index), latest commit.
+SELECT max(e.commit_time)
+FROM unnest(%(watches)s::text[]) AS w (name)
+CROSS JOIN LATERAL (
+    SELECT commit_time FROM events WHERE watch = w.name ORDER BY id DESC LIMIT 1
+) e
+
 -- Watches --------------------------------------------------------------------------
 
 -- name: insert_watch
@@ -511,14 +519,6 @@ ORDER BY name
 -- name: get_watch
 SELECT name, schema_name, table_name, method, key_columns, columns, ignore_columns, query,
        options, enabled, created_at, last_run_at, last_success_at, last_error, changes_seen,
--- name: last_commit_time
--- The newest event of each watch (by log order, on the (watch, id) index), latest commit.
-SELECT max(e.commit_time)
-FROM unnest(%(watches)s::text[]) AS w (name)
-CROSS JOIN LATERAL (
-    SELECT commit_time FROM events WHERE watch = w.name ORDER BY id DESC LIMIT 1
-) e
-
        status
 FROM watches
 WHERE name = %(name)s
