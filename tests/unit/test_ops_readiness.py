@@ -8,12 +8,15 @@ bring about for real: a stuck source, a dead thread, a standby.
 from __future__ import annotations
 
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
 from pgherald.config import Settings
 from pgherald.ops import status
 from pgherald.ops.readiness import CaptureProbe, DeliveryProbe
+from pgherald.sources.logical import LogicalSettings, LogicalSource
+from pgherald.sources.slot_safety import Reading, SlotHealth, SlotThresholds
 
 
 @dataclass
@@ -161,3 +164,40 @@ def test_delivery_probe() -> None:
     assert DeliveryProbe(d)(None) == []
     d.threads[1].error = OSError("store gone")
     assert DeliveryProbe(d)(None) == ["pgherald-delivery stopped: store gone"]
+
+
+def test_a_capture_paused_by_slot_safety_says_so_with_its_numbers(request: Any) -> None:
+    """The real logical source paused by policy pause-and-alert (its monitor's reading over
+    the policy threshold): not ready, and the problem says why in numbers, not only that
+    capture is not connected."""
+    slot = f"s_{request.node.name}"[:60]
+    thresholds = SlotThresholds(warn_bytes=16 << 10, critical_bytes=32 << 10,
+                                policy_bytes=64 << 10, policy="pause-and-alert")  # fmt: skip
+    source = LogicalSource(LogicalSettings(dsn="", slot=slot, thresholds=thresholds), [])
+    source.connected.set()
+    capture = FakeCapture(slot)
+    capture.source = source
+    probe = CaptureProbe(capture, stall=60, clock=Clock())
+    health = SlotHealth(
+        slot, "pgoutput", "db", True, None, "0/1", "0/1", "reserved", None, None, None,
+        retained_bytes=80 << 10, lag_bytes=80 << 10, current_lsn=None,
+    )  # fmt: skip
+    source._on_reading(Reading(health, "policy", "over", time.monotonic()))
+    assert source._action is not None and source._action.kind == "pause"
+    stop = threading.Event()
+    pausing = threading.Thread(target=source._pause, args=("over", stop))
+    pausing.start()
+    try:
+        deadline = time.monotonic() + 10
+        while source.paused is None:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        assert probe(None) == [
+            "capture paused by slot safety policy: retained WAL 80 kB >= 64 kB"
+            f" (slot {slot}; pgherald's log says how to go on)"
+        ]
+    finally:
+        stop.set()
+        pausing.join(10)
+    assert source.paused is None
+    assert probe(None) == ["logical capture is not connected"]  # no longer paused

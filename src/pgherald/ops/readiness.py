@@ -14,6 +14,8 @@ stuck. Trigger capture is idle for as long as nobody writes, so it is stuck only
 oldest change in its queue is older than ``stall`` and nothing was stored for as long.
 
 A part that another instance leads (high availability) is standing by: it is not judged.
+Logical capture that slot safety paused (policy ``pause-and-alert``) is not ready, and
+says so with the slot's retained WAL against the policy threshold.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from pgherald.ops import measure, status
 from pgherald.ops.status import Probe
 from pgherald.sources.listen_capture import checkpoint_name as listen_checkpoint
 from pgherald.sources.logical import checkpoint_name as logical_checkpoint
+from pgherald.sources.slot_safety import format_size
 from pgherald.sources.trigger import checkpoint_name as trigger_checkpoint
 
 STALL_SECONDS: Final = 60.0
@@ -106,6 +109,11 @@ class CaptureProbe:
                 if role == self.logical_name:
                     self._moved = now  # standing by: the clock starts when it leads
                 continue
+            paused = getattr(source, "paused", None) if role == self.logical_name else None
+            if paused:
+                problems.append(self._paused(source))
+                self._moved = now
+                continue
             connected = getattr(source, "connected", None)
             if connected is not None and not connected.is_set():
                 problems.append(f"{title} is not connected")
@@ -117,6 +125,23 @@ class CaptureProbe:
             elif role == self.trigger_name and conn is not None:
                 problems += self._trigger_stuck(conn, now)
         return problems
+
+    def _paused(self, source: Any) -> str:
+        """Slot safety's pause (policy ``pause-and-alert``), in numbers: what the slot holds
+        back against the policy threshold."""
+        health = getattr(source, "slot_health", None)
+        thresholds = getattr(getattr(source, "settings", None), "thresholds", None)
+        retained = getattr(health, "retained_bytes", None)
+        limit = getattr(thresholds, "policy_bytes", None)
+        amounts = (
+            f": retained WAL {format_size(retained)} >= {format_size(limit)}"
+            if retained is not None and limit is not None
+            else ""
+        )
+        return (
+            f"capture paused by slot safety policy{amounts} (slot {self.capture.settings.slot};"
+            " pgherald's log says how to go on)"
+        )
 
     def _logical_stuck(self, source: Any, now: float) -> list[str]:
         settings = getattr(source, "settings", None)
