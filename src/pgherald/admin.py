@@ -28,6 +28,7 @@ from pgherald.config import TABLE_METHODS, Settings, TableMethod, WatchSpec
 from pgherald.db.connect import connect
 from pgherald.errors import CaptureError, ConfigError, SchemaError, WatchError
 from pgherald.methods import choose_method
+from pgherald.retain import check_retain
 from pgherald.schedule import Schedule
 from pgherald.sources import logical_admin, trigger_admin
 from pgherald.sources.listen import check_channel
@@ -149,6 +150,11 @@ def parse_column_list(text: str) -> tuple[str, ...]:
     if duplicates:
         raise WatchError(f"column {show_name(duplicates[0])} is listed twice in {text!r}")
     return tuple(names)
+
+
+def _retain(text: str | None) -> str | None:
+    """A watch's retention as stored, checked before anything is changed."""
+    return None if text is None else check_retain(text, "--retain")
 
 
 def _check_watch_name(name: str) -> str:
@@ -456,6 +462,7 @@ def add_watch(
     replica_identity_full: bool = False,
     snapshot: bool = False,
     schedule: Schedule | None = None,
+    retain: str | None = None,
 ) -> AddedWatch:
     """Checks and stores a watch on a table, and adds the table to the publication.
 
@@ -480,6 +487,7 @@ def add_watch(
             columns=columns,
             ignore_columns=ignore_columns,
             schedule=schedule,
+            retain=retain,
         )
     if schedule is not None:
         raise WatchError("--schedule and --every are for snapshot watches (--method snapshot)")
@@ -500,6 +508,7 @@ def add_watch(
                 method=method or settings.method,
                 replica_identity_full=replica_identity_full,
                 snapshot=snapshot,
+                retain=retain,
             )
         conn.commit()
     if added.watch.method == "logical":
@@ -531,6 +540,7 @@ def add_snapshot_watch(
     schedule: Schedule | None = None,
     initial_events: bool = False,
     first_run: bool = True,
+    retain: str | None = None,
 ) -> AddedWatch:
     """Stores a snapshot watch of a table, a view or a query, then records its baseline.
 
@@ -547,6 +557,7 @@ def add_snapshot_watch(
         raise WatchError("--columns is for tables and views; select the columns in --query")
     if key is not None and not key:
         raise WatchError("--key is empty: name the columns that identify a row")
+    retain = _retain(retain)
     notes: list[str] = []
     schema_name = table_name = None
     with connect(settings) as conn:
@@ -614,6 +625,7 @@ def add_snapshot_watch(
             ignore_columns=tuple(ignore_columns),
             query=query,
             options=options,
+            retain=retain,
         )
         with conn.transaction():
             _lock_registry(conn, settings.schema)
@@ -637,7 +649,9 @@ def add_snapshot_watch(
     return AddedWatch(stored or watch, "", tuple(notes))
 
 
-def add_listen_watch(settings: Settings, name: str, channels: Sequence[str]) -> AddedWatch:
+def add_listen_watch(
+    settings: Settings, name: str, channels: Sequence[str], retain: str | None = None
+) -> AddedWatch:
     """Stores a watch whose events are the notifications sent on ``channels``.
 
     Channel names are taken exactly as written (they are not SQL names to fold).
@@ -656,6 +670,7 @@ def add_listen_watch(settings: Settings, name: str, channels: Sequence[str]) -> 
         table_name=None,
         method="listen",
         options={"channels": list(unique)},
+        retain=_retain(retain),
     )
     with connect(settings) as conn:
         with conn.transaction():
@@ -709,6 +724,7 @@ def _add_watch(
     method: str,
     replica_identity_full: bool,
     snapshot: bool,
+    retain: str | None = None,
 ) -> AddedWatch:
     if method not in TABLE_METHODS:
         raise WatchError(
@@ -810,6 +826,7 @@ def _add_watch(
         columns=columns,
         ignore_columns=ignore_columns,
         options={"snapshot": True} if snapshot else {},
+        retain=_retain(retain),
     )
     registry.add_watch(conn, settings.schema, watch)
     if method == "logical":
@@ -881,14 +898,18 @@ def _identity_notes(info: TableInfo, identity: str) -> list[str]:
 
 
 def sync_declared_watches(settings: Settings) -> tuple[str, ...]:
-    """Adds the configuration file's ``[[watch]]`` entries that are not registered yet."""
+    """Adds the configuration file's ``[[watch]]`` entries that are not registered yet, and
+    sets the ``retain`` of those that are to the one the file gives them, if it does."""
     added: list[str] = []
     for spec in settings.watches:
         schema_name, table_name = parse_table_name(spec.table)
         name = spec.name or default_watch_name(schema_name, table_name)
         with connect(settings) as conn:
-            exists = registry.get_watch(conn, settings.schema, name) is not None
-        if not exists:
+            found = registry.get_watch(conn, settings.schema, name)
+            if found is not None and spec.retain is not None and found.retain != spec.retain:
+                registry.set_watch_retain(conn, settings.schema, name, spec.retain)
+                conn.commit()
+        if found is None:
             add_watch_from_spec(settings, spec)
             added.append(name)
     return tuple(added)
@@ -905,6 +926,7 @@ def add_watch_from_spec(settings: Settings, spec: WatchSpec) -> AddedWatch:
         method=spec.method,
         replica_identity_full=spec.replica_identity_full,
         snapshot=spec.snapshot,
+        retain=spec.retain,
     )
 
 

@@ -34,6 +34,7 @@ from pgherald.config import LOG_FORMATS, LOG_LEVELS, TABLE_METHODS, Settings, lo
 from pgherald.db.connect import connection_failed
 from pgherald.errors import ConfigError, PgHeraldError, WatchError
 from pgherald.events import ChangeEvent
+from pgherald.retain import check_retain
 from pgherald.schedule import Schedule
 from pgherald.store.migrations import LATEST_VERSION
 
@@ -284,6 +285,11 @@ def _columns(value: str | None) -> tuple[str, ...] | None:
     multiple=True,
     help="Watch NOTIFY channel(s) instead of a table; TABLE is then the watch's name.",
 )
+@click.option(
+    "--retain",
+    help="Keep its events this long (e.g. 90d, 400d, 1y, forever; default: the"
+    " configuration's retain, else forever).",
+)
 @connection_options
 @click.pass_context
 def watch_add(
@@ -302,6 +308,7 @@ def watch_add(
     every: str | None,
     initial_events: bool,
     channels: tuple[str, ...],
+    retain: str | None,
 ) -> None:
     """Watch TABLE (schema.table, or table in public; quote unusual names as in SQL).
 
@@ -312,6 +319,7 @@ def watch_add(
         if schedule is not None or every is not None
         else None
     )
+    retain = check_retain(retain, "--retain") if retain is not None else None
     if query is not None or view is not None or method == "snapshot" or initial_events:
         if channels or replica_identity_full or snapshot:
             raise WatchError(
@@ -330,6 +338,7 @@ def watch_add(
             ignore_columns=_columns(ignore_columns) or (),
             schedule=timing,
             initial_events=initial_events,
+            retain=retain,
         )
         w = added.watch
         keys = ", ".join(admin.show_name(k) for k in w.key_columns) or "none: rows by content"
@@ -351,7 +360,7 @@ def watch_add(
         given = [flag for flag, value in others.items() if value]
         if given or method not in (None, "auto"):
             raise WatchError(f"--channel cannot be combined with {', '.join(given) or '--method'}")
-        added = admin.add_listen_watch(settings_of(ctx), table, channels)
+        added = admin.add_listen_watch(settings_of(ctx), table, channels, retain=retain)
         click.echo(
             f"added watch {added.watch.name!r} on channel(s)"
             f" {', '.join(repr(c) for c in channels)} (listen capture)"
@@ -369,6 +378,7 @@ def watch_add(
         method=method,
         replica_identity_full=replica_identity_full,
         snapshot=snapshot,
+        retain=retain,
     )
     w = added.watch
     keys = ", ".join(admin.show_name(k) for k in w.key_columns)
@@ -399,6 +409,7 @@ def _watch_dict(w: Any) -> dict[str, Any]:
         "last_error",
         "changes_seen",
         "status",
+        "retain",
     )
     out: dict[str, Any] = {}
     for f in fields:
@@ -935,6 +946,20 @@ def _register_check_commands() -> None:
 
 
 _register_check_commands()
+
+
+def _register_retention_commands() -> None:
+    from pgherald import cli_retention
+
+    for command in cli_retention.LEAVES:
+        connection_options(command)
+    for command in cli_retention.COMMANDS_ON_WATCH:
+        watch.add_command(command)
+    for command in cli_retention.COMMANDS:
+        main.add_command(command)
+
+
+_register_retention_commands()
 
 if __name__ == "__main__":  # pragma: no cover
     main()

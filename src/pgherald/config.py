@@ -24,6 +24,7 @@ from typing import Any, Final, Literal, cast, get_args
 
 from pgherald.db.connect import parse_dsn, redact_dsn
 from pgherald.errors import ConfigError
+from pgherald.retain import check_interval, check_retain
 
 TableMethod = Literal["auto", "logical", "trigger", "snapshot"]
 """Capture methods that watch a table (``listen`` watches channels, not tables); ``auto``
@@ -53,6 +54,8 @@ class WatchSpec:
     key: tuple[str, ...] | None = None
     replica_identity_full: bool = False
     snapshot: bool = False
+    retain: str | None = None
+    """How long its events are kept (``pgherald.retain``); ``None``: the default ``retain``."""
 
 
 @dataclass(frozen=True)
@@ -141,6 +144,13 @@ class Settings:
     """The mail server (``[smtp]``: host, port, starttls, username, password, from...) of
     the e-mail subscriptions people make for themselves in the web console; checked by the
     e-mail sink when used. Never in ``repr``: it may hold a password."""
+    retain: str | None = None
+    """How long watches without a ``retain`` of their own keep their events (``"400d"``);
+    ``None``: forever. See ``pgherald.retain`` and ``pgherald.pruning``."""
+    prune_interval: str = "1h"
+    """How often ``pgherald run`` prunes the change log (``"off"``: never)."""
+    prune_batch_size: int = 1000
+    """Events deleted per transaction when pruning."""
     watches: tuple[WatchSpec, ...] = ()
     sinks: tuple[SinkSpec, ...] = ()
     subscriptions: tuple[SubscriptionSpec, ...] = ()
@@ -193,6 +203,9 @@ _SCALAR_FIELDS: Final[dict[str, type]] = {
     "timezone": str,
     "templates_dir": str,
     "public_url": str,
+    "retain": str,
+    "prune_interval": str,
+    "prune_batch_size": int,
 }
 _NAME_FIELDS: Final = ("schema", "slot", "publication")
 _WATCH_KEYS: Final = frozenset(f.name for f in fields(WatchSpec))
@@ -240,6 +253,10 @@ def _coerce(key: str, value: Any, where: str) -> Any:
         return value.lower()
     if key in _NAME_FIELDS:
         return check_object_name(value, where)
+    if key == "retain":
+        return check_retain(value, where)
+    if key == "prune_interval":
+        return check_interval(value, where)
     if key == "locale":
         from babel import Locale, UnknownLocaleError
 
@@ -339,6 +356,9 @@ def _watch_spec(raw: Any, where: str) -> WatchSpec:
         flags[flag] = raw.get(flag, False)
         if not isinstance(flags[flag], bool):
             raise ConfigError(f"{where}.{flag} must be true or false")
+    retain = raw.get("retain")
+    if retain is not None:
+        retain = check_retain(retain, f"{where}.retain")
     return WatchSpec(
         table=table,
         name=name,
@@ -348,6 +368,7 @@ def _watch_spec(raw: Any, where: str) -> WatchSpec:
         key=_string_list(raw["key"], f"{where}.key") if "key" in raw else None,
         replica_identity_full=flags["replica_identity_full"],
         snapshot=flags["snapshot"],
+        retain=retain,
     )
 
 

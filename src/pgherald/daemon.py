@@ -36,7 +36,7 @@ from typing import Any
 
 import psycopg
 
-from pgherald import __version__, app, declared, logs
+from pgherald import __version__, app, declared, logs, pruning
 from pgherald.config import Settings
 from pgherald.db.connect import connect
 from pgherald.errors import ConfigError, PgHeraldError
@@ -199,6 +199,7 @@ _ABANDONED = {
     "pgherald-listen": "listen capture",
     "pgherald-snapshots": "a snapshot run (rolled back; it runs again when due)",
     "pgherald-router": "routing (its last batch is routed again by the next run)",
+    "pgherald-prune": "a prune pass (its last batch rolls back; the next pass goes on)",
     "pgherald-delivery": "delivery (the deliveries it had claimed are released and sent"
     " again by the next run)",
     "pgherald-digests": "e-mail digests (sent again by the next run)",
@@ -256,6 +257,9 @@ class Daemon:
         self.delivery: app.Delivery | None = None
         self.web: app._SourceThread | None = None
         self._web_stop = threading.Event()
+        self.prune: app._SourceThread | None = None
+        self._prune_job: pruning.PruneJob | None = None
+        self._prune_stop = threading.Event()
         self._capture_inputs: tuple[Any, ...] | None = None
         self._delivery_inputs: tuple[Any, ...] | None = None
         self.reloads = 0
@@ -322,6 +326,7 @@ class Daemon:
             self._describe_delivery(delivery)
         if self.roles.web is not None:
             self._start_web(self.roles.web)
+        self._start_prune()
         notify("READY=1", f"STATUS={self._status()}")
 
     def _captures(self) -> bool:
@@ -355,6 +360,19 @@ class Daemon:
             self._web_stop,
         )
         self.web.start()
+
+    def _start_prune(self) -> None:
+        """The change log's retention: a prune pass at start and every ``prune_interval``
+        (``pgherald.pruning``; one pass at a time per store, whichever instance runs it)."""
+        job = pruning.job_for(self.settings)
+        if job is None or not (self._captures() or self.roles.delivery):
+            return
+        self._prune_job = job
+        self.prune = app._SourceThread(
+            "pgherald-prune", lambda: job.run(self._prune_stop), self._prune_stop
+        )
+        self.prune.start()
+        log.info("pruning the change log by its retentions every %s", self.settings.prune_interval)
 
     def _describe_capture(self, capture: app.Capture) -> None:
         s = self.settings
@@ -445,6 +463,8 @@ class Daemon:
             notify("READY=1", f"STATUS={self._status()} (last reload failed)")
             return False
         self.settings = new
+        if self._prune_job is not None:
+            self._prune_job.settings = new  # retentions apply from the next pass
         logs.setup(new.log_level, new.log_format)
         for name in changes.watches_unchanged:
             log.warning(
@@ -535,6 +555,8 @@ class Daemon:
             threads += p.threads
         if self.web is not None:
             threads.append(self.web)
+        if self.prune is not None:
+            threads.append(self.prune)
         if not threads:
             return [], None
         why = f" (signal {signal.Signals(self._stop_signal).name})" if self._stop_signal else ""
@@ -552,6 +574,7 @@ class Daemon:
         for p in parts:
             p.stop.set()
         self._web_stop.set()
+        self._prune_stop.set()
         self.stop.set()
         took = _join_all(threads, deadline)
         alive = [t for t in threads if t.is_alive()]

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Final
 
 from pgherald import admin, app, routing_admin
@@ -44,6 +44,9 @@ class Changes:
     watches_removed: list[str] = field(default_factory=list)
     watches_unchanged: list[str] = field(default_factory=list)
     """Watches whose definition changed in the file, left as they are."""
+    watches_retained: list[str] = field(default_factory=list)
+    """Watches whose ``retain`` alone changed in the file: that is applied (it changes
+    nothing in capture; the next prune uses it)."""
     sinks_added: list[str] = field(default_factory=list)
     sinks_updated: list[str] = field(default_factory=list)
     sinks_disabled: list[str] = field(default_factory=list)
@@ -56,6 +59,7 @@ class Changes:
         for label, names in (
             ("added watch", self.watches_added),
             ("removed watch", self.watches_removed),
+            ("changed the retain of watch", self.watches_retained),
             ("added sink", self.sinks_added),
             ("updated sink", self.sinks_updated),
             ("disabled sink", self.sinks_disabled),
@@ -177,7 +181,13 @@ def apply(old: Settings, new: Settings, changes: Changes | None = None) -> Chang
             admin.add_watch_from_spec(new, watch_spec)
             changes.watches_added.append(name)
         elif name in old_watches and old_watches[name] != watch_spec:
-            changes.watches_unchanged.append(name)
+            if replace(old_watches[name], retain=watch_spec.retain) == watch_spec:
+                with connect(new) as conn:
+                    registry.set_watch_retain(conn, new.schema, name, watch_spec.retain)
+                    conn.commit()
+                changes.watches_retained.append(name)
+            else:
+                changes.watches_unchanged.append(name)
     for name, spec in new_sinks.items():
         existing = stored_sinks.get(name)
         if existing is None:

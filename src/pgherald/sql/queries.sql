@@ -500,11 +500,11 @@ CROSS JOIN LATERAL (
 -- name: insert_watch
 INSERT INTO watches (
     name, schema_name, table_name, method, key_columns, columns, ignore_columns, query,
-    options, enabled, status
+    options, enabled, status, retain
 )
 VALUES (
     %(name)s, %(schema_name)s, %(table_name)s, %(method)s, %(key_columns)s, %(columns)s,
-    %(ignore_columns)s, %(query)s, %(options)s, %(enabled)s, %(status)s
+    %(ignore_columns)s, %(query)s, %(options)s, %(enabled)s, %(status)s, %(retain)s
 )
 ON CONFLICT (name) DO NOTHING
 RETURNING name
@@ -512,14 +512,14 @@ RETURNING name
 -- name: list_watches
 SELECT name, schema_name, table_name, method, key_columns, columns, ignore_columns, query,
        options, enabled, created_at, last_run_at, last_success_at, last_error, changes_seen,
-       status
+       status, retain
 FROM watches
 ORDER BY name
 
 -- name: get_watch
 SELECT name, schema_name, table_name, method, key_columns, columns, ignore_columns, query,
        options, enabled, created_at, last_run_at, last_success_at, last_error, changes_seen,
-       status
+       status, retain
 FROM watches
 WHERE name = %(name)s
 
@@ -533,6 +533,9 @@ SET enabled = %(enabled)s,
                   ELSE 'disabled' END
 WHERE name = %(name)s
 RETURNING name
+
+-- name: set_watch_retain
+UPDATE watches SET retain = %(retain)s WHERE name = %(name)s RETURNING name
 
 -- name: record_watch_activity
 UPDATE watches

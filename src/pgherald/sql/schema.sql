@@ -29,6 +29,9 @@ CREATE TABLE watches (
     last_error text,
     changes_seen bigint NOT NULL DEFAULT 0,
     status text NOT NULL DEFAULT 'new',
+    -- How long its events are kept, as written ("400d", "forever"); NULL: the
+    -- configuration's `retain`, else forever (pgherald.retain, pgherald.pruning).
+    retain text CHECK (retain <> ''),
     CONSTRAINT watches_table_or_query CHECK (
         method = 'listen' OR table_name IS NOT NULL OR query IS NOT NULL
     )
@@ -309,4 +312,4 @@ CREATE TABLE web_secrets (
     created_at timestamptz NOT NULL DEFAULT now()
 );
 
-INSERT INTO schema_version (version) VALUES (7);
+INSERT INTO schema_version (version) VALUES (8);

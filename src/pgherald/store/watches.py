@@ -46,6 +46,9 @@ class Watch:
     last_error: str | None = None
     changes_seen: int = 0
     status: str = "new"
+    retain: str | None = None
+    """How long its events are kept, as written (``pgherald.retain``); ``None``: the
+    configuration's default, else forever."""
 
     @property
     def target(self) -> str:
@@ -74,6 +77,7 @@ def _from_row(r: tuple[Any, ...]) -> Watch:
         last_error=r[13],
         changes_seen=int(r[14]),
         status=r[15],
+        retain=r[16],
     )
 
 
@@ -100,6 +104,7 @@ def add_watch(conn: psycopg.Connection[Any], schema: str, watch: Watch) -> None:
         "options": Jsonb(dict(watch.options)),
         "enabled": watch.enabled,
         "status": "new" if watch.enabled else "disabled",
+        "retain": watch.retain,
     }
     try:
         with in_schema(conn, schema):
@@ -153,6 +158,22 @@ def set_watch_enabled(conn: psycopg.Connection[Any], schema: str, name: str, ena
         row = (
             conn.cursor(row_factory=tuple_row)
             .execute(query("set_watch_enabled"), {"name": name, "enabled": enabled})
+            .fetchone()
+        )
+    if row is None:
+        raise WatchError(f"there is no watch named {name!r}: `pgherald watch list` shows them")
+
+
+def set_watch_retain(
+    conn: psycopg.Connection[Any], schema: str, name: str, retain: str | None
+) -> None:
+    """Sets how long a watch's events are kept (``None``: the configuration's default);
+    ``WatchError`` if there is no such watch. The caller checks ``retain``
+    (``pgherald.retain.check_retain``); the table only refuses an empty text."""
+    with in_schema(conn, schema):
+        row = (
+            conn.cursor(row_factory=tuple_row)
+            .execute(query("set_watch_retain"), {"name": name, "retain": retain})
             .fetchone()
         )
     if row is None:
