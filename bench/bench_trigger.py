@@ -51,6 +51,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import psutil
 import psycopg
@@ -62,6 +63,7 @@ from bench import _common as c
 from pgherald import admin, app
 from pgherald.config import Settings
 from pgherald.db.embedded import EmbeddedCluster
+from pgherald.db.sqlfiles import read_sql
 from pgherald.sources.trigger import TriggerSettings
 
 TARGET_RATIO = 0.8
@@ -476,6 +478,94 @@ def overhead(repeat: int, clients: int, seconds: int) -> None:
     )
 
 
+# -- the trigger function alone -------------------------------------------------------------
+
+MIGRATION_2 = "migrations/0002_trigger_capture.sql"
+FUNCTION_COST = {
+    NO_TRIGGER: TABLES[NO_TRIGGER],
+    QUEUE: TABLES[QUEUE],
+    "capture_change of migration 2": "herald_v2_rows",
+    "capture_change (installed)": TABLES[PGHERALD],
+}
+
+
+def install_migration_2_function(db: c.BenchDB) -> None:
+    """The trigger function as migration 2 shipped it (a ``SET search_path`` clause, the
+    wake-up switch read at every row), as ``capture_change_v2``, on a table of its own:
+    the reference for what the installed one saves."""
+    text = read_sql(MIGRATION_2)
+    body = text[text.index("DO $install$") : text.index("END\n$install$;") + len("END\n$install$;")]
+    body = body.replace("%1$I.capture_change()", "%1$I.capture_change_v2()")
+    table = FUNCTION_COST["capture_change of migration 2"]
+    with db.connect() as conn:
+        conn.execute(c.CREATE_TABLE.replace("public.bench_rows", f"public.{table}"))
+        with conn.transaction():
+            conn.execute("SET LOCAL search_path TO pgherald")
+            conn.execute(body.encode())
+        conn.execute(
+            sql.SQL(
+                "CREATE TRIGGER capture_v2 AFTER INSERT OR UPDATE OR DELETE ON {}"
+                " FOR EACH ROW EXECUTE FUNCTION pgherald.capture_change_v2({}, '{{}}', '')"
+            ).format(sql.Identifier(table), sql.Literal(table))
+        )
+        # As while pgherald drains a busy queue: writers send no NOTIFY.
+        conn.execute("UPDATE pgherald.trigger_wake SET armed = false")
+
+
+def backend_cpu(conn: psycopg.Connection[Any]) -> float:
+    row = conn.execute("SELECT pg_backend_pid()").fetchone()
+    assert row is not None
+    t = psutil.Process(int(row[0])).cpu_times()
+    return float(t.user + t.system)
+
+
+def function_cost(repeat: int, transactions: int, rows: int) -> None:
+    """CPU per transaction (one-row transactions in a server-side loop) and per row (one
+    big INSERT) of each trigger, in the writer's own backend, without a drainer."""
+    cluster = c.start_cluster(wal_level="replica")
+    per_tx: dict[str, list[float]] = {v: [] for v in FUNCTION_COST}
+    per_row: dict[str, list[float]] = {v: [] for v in FUNCTION_COST}
+    order = list(FUNCTION_COST)
+    try:
+        c.say(
+            f"trigger function alone: PostgreSQL {cluster.version}, {transactions:,} one-row"
+            f" transactions and one {rows:,}-row INSERT per table, synchronous_commit=off,"
+            f" CPU of the writer's backend; {load()}"
+        )
+        db = trigger_db(cluster, "trigger_function_cost")
+        install_migration_2_function(db)
+        try:
+            with db.connect() as conn:
+                conn.execute("SET synchronous_commit = off")
+                for _ in range(repeat):
+                    for variant in order:
+                        table = FUNCTION_COST[variant]
+                        loop = c.SINGLE_ROW_TRANSACTIONS.replace(
+                            "public.bench_rows", f"public.{table}"
+                        )
+                        before = backend_cpu(conn)
+                        conn.execute((loop % transactions).encode())
+                        per_tx[variant].append(1e6 * (backend_cpu(conn) - before) / transactions)
+                        big = c.ONE_TRANSACTION.replace("public.bench_rows", f"public.{table}")
+                        before = backend_cpu(conn)
+                        conn.execute((big % rows).encode())
+                        per_row[variant].append(1e6 * (backend_cpu(conn) - before) / rows)
+                        conn.execute("TRUNCATE pgherald.trigger_queue, bench_queue")
+                    order = order[1:] + order[:1]
+        finally:
+            drop_db(db)
+    finally:
+        cluster.stop()
+    c.say(f"median of {repeat} (µs of the writer's backend): per one-row transaction | per row")
+    base_tx, base_row = c.median(per_tx[NO_TRIGGER]), c.median(per_row[NO_TRIGGER])
+    for variant in FUNCTION_COST:
+        tx, row = c.median(per_tx[variant]), c.median(per_row[variant])
+        c.say(
+            f"  {variant:32s} {tx:6.1f} (+{tx - base_tx:5.1f})"
+            f" | {row:5.1f} (+{row - base_row:5.1f})"
+        )
+
+
 # -- latency ------------------------------------------------------------------------------
 
 
@@ -571,7 +661,9 @@ def latency(repeat: int, clients: int, seconds: int, rate: int) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--part", choices=("overhead", "latency", "both"), default="both")
+    parser.add_argument(
+        "--part", choices=("overhead", "latency", "both", "function"), default="both"
+    )
     parser.add_argument("--seconds", type=int, default=15)
     parser.add_argument("--clients", type=int, default=4)
     parser.add_argument("--rate", type=int, default=1000)
@@ -590,6 +682,8 @@ def main() -> None:
         overhead(args.repeat, args.clients, args.seconds)
     if args.part in ("latency", "both"):
         latency(args.repeat, args.clients, args.seconds, args.rate)
+    if args.part == "function":
+        function_cost(max(args.repeat, 5), transactions=10_000, rows=20_000)
 
 
 if __name__ == "__main__":

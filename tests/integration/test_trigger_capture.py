@@ -18,6 +18,7 @@ from psycopg import sql
 from pgherald import admin
 from pgherald.config import Settings
 from pgherald.db.embedded import EmbeddedCluster
+from pgherald.db.sqlfiles import named_query
 from pgherald.errors import WatchError
 from pgherald.sources.trigger_admin import capture_triggers, wake_channel
 from tests import capture_harness as h
@@ -321,7 +322,10 @@ def test_a_long_store_schema_name_has_a_working_channel(db: Database) -> None:
     run_sql(db, "CREATE TABLE t (id int PRIMARY KEY)")
     schema = "s" * 60
     settings = h.install(db.dsn, ["t"], settings=trigger_settings(db, schema=schema), slot=False)
-    with db.connect() as conn:
+    with db.connect() as drainer, db.connect() as conn:
+        # Armed as a sleeping drainer arms it (the lock that the trigger function tries).
+        arm = named_query("trigger_capture.sql", "arm")
+        assert drainer.execute(arm, {"store": schema}).fetchone() == (True,)
         conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(wake_channel(schema))))
         conn.execute(b"INSERT INTO t VALUES (1)")
         got = list(conn.notifies(timeout=2, stop_after=1))

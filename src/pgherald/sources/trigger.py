@@ -1,30 +1,42 @@
 """Trigger capture: moving the trigger queue into the change log, exactly once, in order.
 
 Triggers on the watched tables (``trigger_admin``) append each change as jsonb to a queue
-table in the store, in the writer's own transaction. This source drains the queue:
+table in the store, in the writer's own transaction. This source drains the queue, in one
+store transaction per batch:
 
 1. Claim-and-delete a batch of committed queue rows (``DELETE ... RETURNING``, oldest
-   first) into a temporary table, and read each watch's rows back with their values as
-   PostgreSQL's text output, typed through the table's row type (``jsonb_populate_record``),
-   so trigger events hold the same text as logical ones. One pipeline: one round trip.
-2. Turn them into change events (``TriggerAssembler``: no I/O, easy to test).
-3. Hand them to the sink, which appends them to the change log and commits *in the same
-   transaction* as the delete: a crash before the commit puts the rows back in the queue,
-   one after it has them in the log; never both, never neither.
+   first) into a temporary table; the same statement says, per watch, how many rows it
+   took and whether each holds all of the watch's columns. One round trip, with the
+   catalog's current columns of the watched tables.
+2. Usually the server then makes the events itself: one ``INSERT ... SELECT`` reads the
+   claimed rows back through the table's row type (``jsonb_populate_record``) as
+   PostgreSQL's text output (so trigger events hold the same text as logical ones) and
+   writes events, field rows, the checkpoint and the COMMIT in one more round trip
+   (``_selected`` and the sink's ``commit_selected``). Python builds no event: that cost
+   more CPU than the rows' own writing.
+3. A batch that needs what only Python knows (a row queued before a column was added
+   keeps the shape it had; a changed shape gets a ``schema`` event first) is read back
+   and assembled in Python (``TriggerAssembler``) and appended through the sink as before.
+   Both ways give the same events, byte for byte (``tests/integration/test_trigger_in_sql.py``).
+
+Either way the events commit *in the same transaction* as the delete: a crash before the
+commit puts the rows back in the queue, one after it has them in the log; never both,
+never neither. Event ids (``T/<xid>/<queue id>``) do not depend on the way.
 
 Claim-and-delete never skips a transaction that commits late (as "ids above the last one
 seen" would): whatever is committed and still queued is taken. Events of one row keep
 commit order because a second writer of a row waits for the first one's row lock before
 its trigger takes a queue id. One drainer per queue (an advisory lock) keeps it so.
 
-Waking up: while changes keep coming the source polls every ``busy_poll`` seconds and
-writers send no NOTIFY at all (a NOTIFY serialises the commits of all transactions that
-send one, which is what makes per-row ``pg_notify`` triggers so costly). After
-``idle_after`` seconds without changes it *arms* the wake-up (``trigger_wake.armed``),
-so the next writer's trigger sends one NOTIFY, and sleeps until that or a timer that
-backs off to ``idle_poll_max``. A NOTIFY that is missed (pgherald was disconnected, or
-a writer read the switch just before it was armed) costs latency, never a change: the
-queue holds the data and is drained on start, after every reconnect and on the timer.
+Waking up: while changes keep coming the source starts a drain every ``busy_poll``
+seconds (a latency budget) and writers send no NOTIFY at all (a NOTIFY serialises the
+commits of all transactions that send one, which is what makes per-row ``pg_notify``
+triggers so costly). After ``idle_after`` seconds without changes it *arms* the wake-up
+(an advisory lock it holds while it sleeps, see ``_arm``), so the next writer's
+transaction sends one NOTIFY, and sleeps until that or a timer that backs off to
+``idle_poll_max``. A NOTIFY that is missed (pgherald was disconnected) costs latency,
+never a change: the queue holds the data and is drained on start, after every reconnect
+and on the timer.
 """
 
 from __future__ import annotations
@@ -59,6 +71,18 @@ def _q(name: str) -> sql.SQL:
     return sql.SQL(named_query(_FILE, name))
 
 
+def _code(name: str) -> sql.SQL:
+    """A block without its comment lines, for the statements of every drain: psycopg parses
+    a statement of over 4 kB again at each execution, and comments only make it longer."""
+    return sql.SQL(
+        "\n".join(
+            line
+            for line in named_query(_FILE, name).splitlines()
+            if not line.lstrip().startswith("--")
+        )
+    )
+
+
 def checkpoint_name(store: str) -> str:
     """The checkpoint under which the trigger source notes the last queue id it moved."""
     return f"trigger:{store}"
@@ -83,8 +107,11 @@ class TriggerSettings:
     dsn: str
     store: str = "pgherald"
     batch_size: int = 5000
-    busy_poll: float = 0.01
-    """While changes keep coming: seconds between drains (writers send no NOTIFY then)."""
+    busy_poll: float = 0.03
+    """While changes keep coming: seconds from the start of one drain to the start of the
+    next (writers send no NOTIFY then). A change waits at most about this long before it
+    is claimed, so it is a latency budget; each drain costs the server a fixed part (about
+    half a millisecond) however few rows it moves, so a longer one costs writers less."""
     idle_after: float = 0.2
     """Seconds without changes after which the wake-up NOTIFY is armed."""
     idle_poll_max: float = 2.0
@@ -257,17 +284,18 @@ _TABLE_CHANGED = (
 )
 
 
-def _set_local_settings() -> tuple[sql.Composed, dict[str, str]]:
-    """One statement that gives the drain transaction the canonical text output settings."""
-    parts = []
-    params: dict[str, str] = {}
-    for i, (name, value) in enumerate(CANONICAL_SESSION_SETTINGS.items()):
-        parts.append(sql.SQL("set_config({}, {}, true)").format(
-            sql.Placeholder(f"n{i}"), sql.Placeholder(f"v{i}")
-        ))  # fmt: skip
-        params[f"n{i}"] = name
-        params[f"v{i}"] = value
-    return sql.SQL("SELECT ") + sql.SQL(", ").join(parts), params
+def _literal(conn: psycopg.Connection[Any], value: Any) -> sql.SQL:
+    """``value`` as a SQL literal, for a statement rendered once and run with parameters
+    (a ``%`` doubled, as ``ident`` does for names): constants cost no dumping per drain."""
+    return sql.SQL(sql.Literal(value).as_string(conn).replace("%", "%%"))
+
+
+def _local_settings_list() -> sql.Composed:
+    """The canonical text output settings as ``set_config`` calls, for a SELECT list."""
+    return sql.SQL(", ").join(
+        sql.SQL("set_config({}, {}, true)").format(sql.Literal(name), sql.Literal(value))
+        for name, value in CANONICAL_SESSION_SETTINGS.items()
+    )
 
 
 class TriggerSource:
@@ -297,8 +325,15 @@ class TriggerSource:
         it off to compare with the Python path, which is always right."""
         self.notifies = 0
         self._columns: dict[str, list[ColumnSpec]] = {}
+        # Drain statements rendered once: by the watches (claim), and by the watches with
+        # rows (the SELECT of events, its fixed parameters and its shapes). Forgotten when
+        # the watches or their columns change.
+        self._claim_sql_cache: tuple[tuple[Any, ...], sql.SQL] | None = None
+        self._relations: dict[str, int] = {}  # watch -> its table's oid
+        self._catalog: dict[str, tuple[list[str], list[int]]] = {}  # all columns and types
+        self._leader: tuple[int, datetime] | None = None  # the lock holder's pid and start
+        self._selected_cache: dict[tuple[str, ...], tuple[sql.SQL, dict[str, RowShape]]] = {}
         self._registry: TypeRegistry | None = None
-        self._settings_sql = _set_local_settings()
         self.channel = wake_channel(settings.store)
         self._ident = sql.Identifier(settings.store)
         self.on_batch: Callable[[int], None] | None = None
@@ -344,6 +379,7 @@ class TriggerSource:
             conn = sink.connection()
             tracked = conn.execute("SELECT current_setting('track_commit_timestamp')").fetchone()
             self._track_commit_timestamp = bool(tracked and tracked[0] == "on")
+            self._selected_cache.clear()  # it names commit times, or not
             conn.execute(
                 _q("create_claim_stage").format(
                     queue=sql.Identifier(self.settings.store, "trigger_queue")
@@ -364,6 +400,9 @@ class TriggerSource:
                 named_query(_FILE, "leader_lock"), {"store": self.settings.store}
             ).fetchone()
             if row and row[0]:
+                backend = wake.execute(named_query(_FILE, "leader_backend")).fetchone()
+                assert backend is not None
+                self._leader = (int(backend[0]), backend[1])
                 self.leader.set()
                 return
             if not said:
@@ -376,30 +415,41 @@ class TriggerSource:
         self._set_wake(sink, False)
         last_change = time.monotonic()
         armed = False
-        idle_wait = s.busy_poll
+        idle_wait = max(s.busy_poll, 0.05)
         while not stop.is_set():
-            if not armed:
-                self._check_leader(wake)
             self._maybe_reload(sink)
+            started = time.monotonic()
             moved = self.drain(sink)
             now = time.monotonic()
+            # While busy, drains start busy_poll apart (at once after a longer drain): a
+            # change waits at most about that long to be claimed, and a slow drain does
+            # not add its own time to the wait of the next.
+            next_drain = started + s.busy_poll - now
             if moved:
                 last_change = now
+                idle_wait = max(s.busy_poll, 0.05)
                 if armed:
-                    self._set_wake(sink, False)
+                    self._disarm(sink, wake)
                     armed = False
                 if moved >= s.batch_size:
                     continue  # a backlog: drain on at once
-                stop.wait(s.busy_poll)
+                if next_drain > 0:
+                    stop.wait(next_drain)
                 continue
             if now - last_change < s.idle_after:
-                stop.wait(s.busy_poll)
+                if next_drain > 0:
+                    stop.wait(next_drain)
                 continue
             if not armed:
-                self._set_wake(sink, True)
-                armed = True
-                idle_wait = max(s.busy_poll, 0.05)
-                continue  # drain once more: a writer may have read the switch just before
+                if self._arm(sink, wake):
+                    armed = True
+                    idle_wait = max(s.busy_poll, 0.05)
+                    continue  # drain once more: what writers queued before it is committed
+                # A writer's transaction is between its first captured row and its end:
+                # poll (backing off) until the switch can be armed.
+                stop.wait(idle_wait)
+                idle_wait = min(idle_wait * 2, s.idle_poll_max)
+                continue
             if self._wait_for_notify(wake, stop, idle_wait):
                 self.notifies += 1
                 idle_wait = max(s.busy_poll, 0.05)
@@ -408,35 +458,55 @@ class TriggerSource:
         if armed:
             # Nobody listens once we are gone: spare the writers a NOTIFY per transaction
             # (each one serialises their commits) until a drainer runs again. A drainer
-            # that is killed cannot do this; the next one disarms at its start.
-            self._set_wake(sink, False)
+            # that is killed loses its lock with its connection (the table's flag, which
+            # the trigger of migration 2 read, stays set until the next one starts).
+            self._disarm(sink, wake)
 
-    @staticmethod
-    def _check_leader(wake: psycopg.Connection[Any]) -> None:
-        """Raises ``OperationalError`` if the LISTEN connection is gone before draining on.
+    def _arm(self, sink: QueueSink, wake: psycopg.Connection[Any]) -> bool:
+        """Arms the wake-up, if no writer's transaction is in the middle of capturing.
 
-        It holds the leader lock. While busy nothing else reads it, so a connection killed
-        meanwhile (``pg_terminate_backend``, ``idle_session_timeout``) would leave this
-        drainer draining without the lock, and a second pgherald could take it and drain
-        alongside, storing a row's events out of order. When armed, waiting on it notices.
+        The switch writers look at (``capture_change``, migration 10) is an advisory lock
+        that this drainer holds on its LISTEN connection while it sleeps: a writer's first
+        captured row tries it shared, fails, and sends the NOTIFY; while it is not held the
+        try succeeds (and holds it shared to the transaction's end) and nothing is sent.
+        So the lock is got only when no writer is between its first captured row and its
+        end, and the one more drain after this finds everything queued before. The
+        table's ``armed`` flag follows it, for whoever looks (and the trigger function of
+        stores not migrated yet, which reads it at each row).
         """
-        wake.execute("SELECT 1")
+        row = wake.execute(named_query(_FILE, "arm"), {"store": self.settings.store}).fetchone()
+        if not (row and row[0]):
+            return False
+        self._set_wake(sink, True)
+        return True
+
+    def _disarm(self, sink: QueueSink, wake: psycopg.Connection[Any]) -> None:
+        wake.execute(named_query(_FILE, "disarm"), {"store": self.settings.store})
+        self._set_wake(sink, False)
 
     def _maybe_reload(self, sink: QueueSink) -> None:
-        """Picks up watches added or removed while running (``watch add`` in another shell)."""
-        if self.reload is None or time.monotonic() - self._reloaded < self.reload_interval:
+        """Picks up watches added or removed while running (``watch add`` in another shell),
+        and looks at the watched tables' columns, every ``reload_interval`` seconds.
+
+        A drain notices a changed table by itself (the claim returns the columns of the
+        tables it took rows of); this also says so for a table that was dropped and has
+        nothing queued, as every drain did before it made its events in SQL.
+        """
+        if time.monotonic() - self._reloaded < self.reload_interval:
             return
         self._reloaded = time.monotonic()
-        found = list(self.reload())
-        if found == self.watches:
-            return
-        log.info(
-            "trigger capture: now %d watch(es): %s", len(found), ", ".join(w.name for w in found)
-        )
-        self.watches = found
-        self.assembler.watches = found
-        names = {w.name for w in found}
-        self._columns = {n: c for n, c in self._columns.items() if n in names}
+        found = list(self.reload()) if self.reload is not None else self.watches
+        if found != self.watches:
+            log.info(
+                "trigger capture: now %d watch(es): %s",
+                len(found),
+                ", ".join(w.name for w in found),
+            )
+            self.watches = found
+            self.assembler.watches = found
+            self._selected_cache.clear()
+            names = {w.name for w in found}
+            self._columns = {n: c for n, c in self._columns.items() if n in names}
         conn = sink.connection()
         self._refresh_columns(conn)
         conn.commit()
@@ -493,27 +563,35 @@ class TriggerSource:
 
     def _drain(self, sink: QueueSink) -> int:
         conn = sink.connection()
-        statement, params = self._settings_sql
         with conn.pipeline():
-            conn.execute(statement, params)
-            claim = conn.execute(self._claim_sql(), self._claim_params())
-            columns_now = self._columns_query(conn)
+            claim = conn.execute(self._claim_sql(conn), self._claim_params())
         self.drains += 1
-        taken = {str(w): (int(n), int(last), bool(complete)) for w, n, last, complete in claim}
-        claimed = sum(n for n, _, _ in taken.values())
-        if claimed <= 0:
+        taken = claim.fetchall()
+        if not taken:
             conn.rollback()
             return 0
-        last_id = max(last for _, last, _ in taken.values())
-        known = set(self._columns)  # the columns the claim checked the rows against
-        changed = set(self._note_columns(columns_now.fetchall())) | (set(taken) - known)
+        if not taken[0][6]:
+            # The LISTEN connection holds the leader lock. While busy nothing else reads
+            # it, so one killed meanwhile (pg_terminate_backend, idle_session_timeout)
+            # would leave this drainer draining without the lock, and a second pgherald
+            # could take it and drain alongside, storing a row's events out of order.
+            raise psycopg.OperationalError("the connection that holds the drainer's lock is gone")
+        claimed = sum(int(t[1]) for t in taken)
+        last_id = max(int(t[2]) for t in taken)
+        watches = {w.name: w for w in self.watches}
+        with_rows = [watches[str(t[0])] for t in taken]
+        stale = [t for t in taken if self._catalog.get(str(t[0])) != (t[4], t[5])]
+        if stale:  # a table changed (or its oid is new): the Python path, with its columns
+            self._refresh(conn)
         captured_at = datetime.now(UTC)
-        with_rows = [w for w in self.watches if w.name in taken]
-        if self.in_sql and all(
-            taken[w.name][2] and w.name not in changed and self._same_shape(w) for w in with_rows
+        if (
+            self.in_sql
+            and not stale
+            and all(bool(t[3]) for t in taken)
+            and all(self._same_shape(w) for w in with_rows)
         ):
-            rows, values, shapes = self._selected(with_rows, captured_at)
-            sink.commit_selected(rows, values, shapes, str(last_id))
+            rows, shapes = self._selected(conn, with_rows)
+            sink.commit_selected(rows, {"captured_at": captured_at}, shapes, str(last_id))
             for w in with_rows:
                 self.assembler.shapes[w.name] = shapes[w.name]
             self.moved_in_sql += claimed
@@ -523,6 +601,11 @@ class TriggerSource:
         if self.on_batch is not None:
             self.on_batch(claimed)
         return claimed
+
+    def _refresh(self, conn: psycopg.Connection[Any]) -> list[str]:
+        """Reads the watched tables' columns again (one changed, or its oid is not known
+        yet); returns the watches whose columns changed."""
+        return self._note_columns(self._columns_query(conn).fetchall())
 
     def _assemble(
         self,
@@ -552,55 +635,60 @@ class TriggerSource:
         before = self.assembler.shapes.get(watch.name)
         return before is None or before == self._shape(watch)
 
-    def _claim_sql(self) -> sql.Composed:
-        complete = [
-            _q("complete_row").format(
-                watch=sql.Placeholder(f"w{i}"), columns=sql.Placeholder(f"w{i}_columns")
+    def _claim_sql(self, conn: psycopg.Connection[Any]) -> sql.SQL:
+        """The claim, with the watches, their tables' oids and their columns written in:
+        rendered once until one of them changes."""
+        columns = [[c.name for c in self._columns.get(w.name, ())] for w in self.watches]
+        relations = [self._relations.get(w.name, 0) for w in self.watches]
+        key = (tuple(w.name for w in self.watches), tuple(relations), repr(columns))
+        if self._claim_sql_cache is None or self._claim_sql_cache[0] != key:
+            complete = [
+                _code("complete_row").format(
+                    watch=_literal(conn, w.name), columns=_literal(conn, names)
+                )
+                for w, names in zip(self.watches, columns, strict=True)
+            ]
+            statement = _code("claim").format(
+                queue=self._table("trigger_queue"),
+                complete=sql.SQL(" OR ").join(complete) if complete else sql.SQL("false"),
+                settings=_local_settings_list(),
+                watches=_literal(conn, [w.name for w in self.watches]),
+                relations=_literal(conn, [str(r) for r in relations]),
             )
-            for i in range(len(self.watches))
-        ]
-        return _q("claim").format(
-            queue=self._table("trigger_queue"),
-            complete=sql.SQL(" OR ").join(complete) if complete else sql.SQL("false"),
-        )
+            self._claim_sql_cache = (key, sql.SQL(statement.as_string(conn)))
+        return self._claim_sql_cache[1]
 
     def _claim_params(self) -> dict[str, Any]:
-        params: dict[str, Any] = {
+        assert self._leader is not None
+        return {
             "limit": self.settings.batch_size,
-            "watches": [w.name for w in self.watches],
+            "leader_pid": self._leader[0],
+            "leader_start": self._leader[1],
         }
-        for i, w in enumerate(self.watches):
-            params[f"w{i}"] = w.name
-            params[f"w{i}_columns"] = [c.name for c in self._columns.get(w.name, ())]
-        return params
 
     def _selected(
-        self, watches: Sequence[TriggerWatch], captured_at: datetime
-    ) -> tuple[sql.Composable, dict[str, Any], dict[str, RowShape]]:
+        self, conn: psycopg.Connection[Any], watches: Sequence[TriggerWatch]
+    ) -> tuple[sql.SQL, dict[str, RowShape]]:
         """The SELECT that makes the claimed rows' events in the server (for
-        ``QueueSink.commit_selected``), its parameters, and the shapes it names."""
-        parts: list[sql.Composable] = []
-        params: dict[str, Any] = {"captured_at": captured_at}
-        shapes: dict[str, RowShape] = {}
-        for i, w in enumerate(watches):
-            parts.append(self._select_watch(f"s{i}", w))
-            specs = self._columns[w.name]
-            ignored = set(w.ignore_columns)
-            params[f"s{i}"] = w.name
-            params[f"s{i}_schema"] = w.schema
-            params[f"s{i}_table"] = w.table
-            params[f"s{i}_keys"] = [k for k in w.key_columns if k in {c.name for c in specs}]
-            params[f"s{i}_names"] = [c.name for c in specs]
-            params[f"s{i}_compared"] = [c.name not in ignored for c in specs]
-            shapes[w.name] = self._shape(w)
-        return sql.SQL("\nUNION ALL\n").join(parts), params, shapes
+        ``QueueSink.commit_selected``; its one parameter is ``captured_at``), and the shapes
+        it names; rendered once per set of watches (and their columns)."""
+        key = tuple(w.name for w in watches)
+        found = self._selected_cache.get(key)
+        if found is not None:
+            return found
+        parts = [self._select_watch(conn, w) for w in watches]
+        rows = sql.SQL(sql.SQL("\nUNION ALL\n").join(parts).as_string(conn))
+        shapes = {w.name: self._shape(w) for w in watches}
+        self._selected_cache[key] = (rows, shapes)
+        return rows, shapes
 
-    def _select_watch(self, prefix: str, watch: TriggerWatch) -> sql.Composed:
+    def _select_watch(self, conn: psycopg.Connection[Any], watch: TriggerWatch) -> sql.Composed:
         specs = self._columns[watch.name]
         names = [c.name for c in specs]
         keys = [k for k in watch.key_columns if k in names]
         positions = [sql.Literal(names.index(k) + 1) for k in keys]
-        key_list = sql.Placeholder(f"{prefix}_keys")
+        key_list = _literal(conn, keys)
+        ignored = set(watch.ignore_columns)
 
         def values(alias: str) -> sql.Composable:
             return sql.SQL(", ").join(
@@ -640,10 +728,10 @@ class TriggerSource:
             row_key = sql.SQL("NULL::text")
             old_key_object = sql.SQL("'{}'::jsonb")
             old_key = new_key = sql.SQL("NULL::text[]")
-        return _q("select_claimed_events").format(
-            watch=sql.Placeholder(prefix),
-            schema_name=sql.Placeholder(f"{prefix}_schema"),
-            table_name=sql.Placeholder(f"{prefix}_table"),
+        return _code("select_claimed_events").format(
+            watch=_literal(conn, watch.name),
+            schema_name=_literal(conn, watch.schema),
+            table_name=_literal(conn, watch.table),
             row_key=row_key,
             key_columns=sql.SQL("{}::text[]").format(key_list),
             captured_at=sql.SQL("%(captured_at)s::timestamptz"),
@@ -654,8 +742,10 @@ class TriggerSource:
             table=ident(watch.schema, watch.table),
             old_values=values("o"),
             new_values=values("n"),
-            names=sql.SQL("{}::text[]").format(sql.Placeholder(f"{prefix}_names")),
-            compared=sql.SQL("{}::boolean[]").format(sql.Placeholder(f"{prefix}_compared")),
+            names=sql.SQL("{}::text[]").format(_literal(conn, names)),
+            compared=sql.SQL("{}::boolean[]").format(
+                _literal(conn, [n not in ignored for n in names])
+            ),
         )
 
     def _commit_time_sql(self) -> sql.Composable:
@@ -680,8 +770,10 @@ class TriggerSource:
     def _note_columns(self, rows: Sequence[tuple[Any, ...]]) -> list[str]:
         """Takes the catalog's current columns; returns the watches whose columns changed."""
         by_table: dict[tuple[str, str], list[tuple[str, int]]] = {}
-        for schema, table, name, type_oid in rows:
+        relations: dict[tuple[str, str], int] = {}
+        for schema, table, name, type_oid, relation in rows:
             by_table.setdefault((schema, table), []).append((name, int(type_oid)))
+            relations[(schema, table)] = int(relation)
         assert self._registry is not None
         changed = []
         for w in self.watches:
@@ -699,6 +791,8 @@ class TriggerSource:
                     f"watch {w.name!r}: key column(s) {', '.join(missing)} no longer exist in"
                     f" {w.schema}.{w.table}; re-create the watch with a valid --key"
                 )
+            self._relations[w.name] = relations[(w.schema, w.table)]
+            self._catalog[w.name] = ([n for n, _ in found], [oid for _, oid in found])
             oids = {oid for _, oid in kept}
             if self._registry.missing(oids):
                 self._registry.refresh(self._registry.missing(oids))
@@ -707,6 +801,7 @@ class TriggerSource:
                 if w.name in self._columns:
                     changed.append(w.name)
                 self._columns[w.name] = specs
+                self._selected_cache.clear()
         return changed
 
     def _shape(self, watch: TriggerWatch) -> RowShape:

@@ -1,18 +1,42 @@
 -- Appending events that a source selects in SQL (store/selected.py). Runs with the store's
 -- search path, after append_lock (queries.sql), in the transaction that reads the source's
 -- input: trigger capture's queue rows become events without passing through Python.
--- {rows} is the source's SELECT (see store/selected.py for its columns); values are
--- parameters.
+-- In braces: the source's SELECT (see store/selected.py for its columns) and constants
+-- written in once per SELECT (the batch's shapes, the NOTIFY channel); values are
+-- parameters. Comment lines are left out of what is sent (a statement over 4 kB is parsed
+-- again by psycopg at every execution).
 
 -- name: insert_selected
--- As insert_events does for a staged batch: ids in the rows' order, a replayed event_id
--- skipped with its field rows, one field row per changed column of an update (its text in
--- the old row and in the new one), and the watches' activity noted as
--- record_watch_activity notes it. Returns the events stored per watch and method.
-WITH shape_ids AS (
-    SELECT l.label, s.id, s.names
-    FROM unnest(%(selected_labels)s::text[], %(selected_digests)s::text[]) AS l (label, digest)
-    JOIN shapes s ON s.digest = l.digest
+-- As the change log's staged append does (upsert_shapes, then insert_events, then
+-- notify_appended), in one statement: the batch's shapes stored if new (appenders hold the
+-- append lock, so none is being inserted by anyone else, and the statement's snapshot
+-- has every committed one), ids in the rows' order, a replayed event_id skipped with its
+-- field rows, one field row per changed column of an update (its text in the old row and
+-- in the new one), the watches' activity as record_watch_activity notes it, and the
+-- wake-up for tailing readers (the highest id appended). Returns the events stored per
+-- watch and method.
+WITH wanted AS (
+    SELECT l.label, l.digest, l.columns
+    FROM unnest({labels}::text[], {digests}::text[], {columns}::jsonb[])
+         AS l (label, digest, columns)
+),
+new_shapes AS (
+    INSERT INTO shapes (digest, columns, names)
+    SELECT DISTINCT ON (w.digest) w.digest, w.columns,
+           ARRAY(SELECT c.col ->> 0
+                 FROM jsonb_array_elements(w.columns) WITH ORDINALITY AS c (col, i)
+                 ORDER BY c.i)
+    FROM wanted w
+    WHERE NOT EXISTS (SELECT FROM shapes s WHERE s.digest = w.digest)
+    ON CONFLICT (digest) DO NOTHING
+    RETURNING id, digest, names
+),
+shape_ids AS (
+    SELECT w.label, s.id, s.names
+    FROM wanted w
+    JOIN (SELECT id, digest, names FROM shapes WHERE digest = ANY ({digests}::text[])
+          UNION ALL
+          SELECT id, digest, names FROM new_shapes) AS s ON s.digest = w.digest
 ),
 inserted AS (
     INSERT INTO events (
@@ -51,5 +75,10 @@ activity AS (
         status = CASE WHEN NOT w.enabled THEN 'disabled' ELSE 'ok' END
     FROM (SELECT watch, sum(n) AS n FROM counted GROUP BY watch) AS a
     WHERE w.name = a.watch
+),
+notified AS MATERIALIZED (
+    SELECT pg_notify({channel}, max(id)::text) FROM inserted HAVING max(id) IS NOT NULL
 )
-SELECT watch, method, n FROM counted
+SELECT c.watch, c.method, c.n
+FROM counted c
+CROSS JOIN (SELECT count(*) FROM notified) AS sent

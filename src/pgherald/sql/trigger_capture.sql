@@ -28,8 +28,23 @@ ORDER BY t.tgname
 -- One drainer per queue: two would commit batches of the same row out of order.
 SELECT pg_try_advisory_lock(hashtext('pgherald.trigger_queue:' || %(store)s))
 
+-- name: leader_backend
+-- The backend that holds the leader lock, as the claim checks that it is still there.
+SELECT pid, backend_start FROM pg_stat_activity WHERE pid = pg_backend_pid()
+
 -- name: set_wake
+-- The flag that shows whether the wake-up is armed (and that the trigger function of
+-- migration 2 read at every row; migration 10's tries the lock below instead).
 UPDATE {wake} SET armed = %(armed)s WHERE armed IS DISTINCT FROM %(armed)s
+
+-- name: arm
+-- The wake-up switch of capture_change (migration 10): the drainer holds this advisory
+-- lock on its LISTEN connection while it sleeps, so a writer's shared try fails and it
+-- sends the NOTIFY. The same key as the function's: hashtext of the store's name.
+SELECT pg_try_advisory_lock(hashtext('pgherald.trigger_wake:' || %(store)s)::bigint)
+
+-- name: disarm
+SELECT pg_advisory_unlock(hashtext('pgherald.trigger_wake:' || %(store)s)::bigint)
 
 -- name: create_claim_stage
 CREATE TEMP TABLE IF NOT EXISTS pgherald_claimed (LIKE {queue}) ON COMMIT DELETE ROWS
@@ -40,13 +55,25 @@ CREATE TEMP TABLE IF NOT EXISTS pgherald_claimed (LIKE {queue}) ON COMMIT DELETE
 -- skip late committers; deleting what we move cannot. SKIP LOCKED keeps a second drainer
 -- (there should be none: see leader_lock) from blocking. Only the watches the drainer
 -- knows: a watch added while it runs keeps its rows queued until it learns of it.
--- Returns, per watch, how many rows it took, the last queue id, and whether every row
--- holds all of the watch's columns (complete_row: a row queued before a column was added
--- lacks it, and needs the shape it had, which only the Python path gives it).
-WITH claimed AS (
+-- Returns, per watch that had rows: how many it took, the last queue id, whether every
+-- row holds all of the watch's columns (complete_row: a row queued before a column was
+-- added lacks it, and needs the shape it had, which only the Python path gives it), the
+-- table's current columns and their types (so that a change of the table is noticed
+-- without a query of its own), and whether the connection that holds the leader lock is
+-- still there (its backend alive: a session's advisory lock lives as long as it does).
+-- The drain's text output settings ride along (settings), local to the transaction.
+WITH settings AS MATERIALIZED (
+    SELECT {settings}
+),
+leader AS MATERIALIZED (
+    SELECT count(*) AS alive
+    FROM pg_stat_get_activity(%(leader_pid)s) AS a
+    WHERE a.backend_start = %(leader_start)s
+),
+claimed AS (
     DELETE FROM {queue}
     WHERE id IN (
-        SELECT id FROM {queue} WHERE watch = ANY(%(watches)s::text[])
+        SELECT id FROM {queue} WHERE watch = ANY({watches}::text[])
         ORDER BY id LIMIT %(limit)s FOR UPDATE SKIP LOCKED
     )
     RETURNING *
@@ -54,16 +81,32 @@ WITH claimed AS (
 staged AS (
     INSERT INTO pg_temp.pgherald_claimed SELECT * FROM claimed
     RETURNING watch, id, old_row, new_row
+),
+taken AS (
+    SELECT c.watch, count(*) AS n, max(c.id) AS last, bool_and({complete}) AS complete
+    FROM staged c
+    GROUP BY c.watch
+),
+current_columns AS (
+    SELECT w.name,
+           array_agg(a.attname::text ORDER BY a.attnum) AS names,
+           array_agg(a.atttypid::int ORDER BY a.attnum) AS types
+    FROM unnest({watches}::text[], {relations}::oid[]) AS w (name, relation)
+    JOIN pg_attribute a ON a.attrelid = w.relation AND a.attnum > 0 AND NOT a.attisdropped
+    WHERE w.name IN (SELECT watch FROM taken)
+    GROUP BY w.name
 )
-SELECT c.watch, count(*), max(c.id), bool_and({complete})
-FROM staged c
-GROUP BY c.watch
+SELECT t.watch, t.n, t.last, t.complete, cc.names, cc.types, l.alive
+FROM taken t
+LEFT JOIN current_columns cc ON cc.name = t.watch
+CROSS JOIN leader l
+CROSS JOIN settings
 
 -- name: complete_row
 -- One watch's part of the claim's check: its rows have every column it knows.
 (c.watch = {watch}
- AND (c.old_row IS NULL OR c.old_row ?& {columns})
- AND (c.new_row IS NULL OR c.new_row ?& {columns}))
+ AND (c.old_row IS NULL OR c.old_row ?& {columns}::text[])
+ AND (c.new_row IS NULL OR c.new_row ?& {columns}::text[]))
 
 -- name: select_claimed_events
 -- One watch's claimed rows as change log rows (the columns store/selected.py names), made
@@ -132,8 +175,8 @@ WHERE c.watch = %(watch)s
 ORDER BY c.id
 
 -- name: table_columns
--- The current columns of the watched tables, in table order.
-SELECT t.schema_name, t.table_name, a.attname, a.atttypid::int
+-- The current columns of the watched tables, in table order, with the table's oid.
+SELECT t.schema_name, t.table_name, a.attname, a.atttypid::int, c.oid::bigint
 FROM unnest(%(schemas)s::text[], %(tables)s::text[]) AS t(schema_name, table_name)
 JOIN pg_namespace n ON n.nspname = t.schema_name
 JOIN pg_class c ON c.relnamespace = n.oid AND c.relname = t.table_name

@@ -20,33 +20,79 @@ batch), ``event_id``, ``watch``, ``op``, ``schema_name``, ``table_name``, ``row_
 from __future__ import annotations
 
 import functools
+import re
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from typing import Any, Final
 
+import psycopg
 from psycopg import sql
 from psycopg.types.json import Jsonb
 
 from pgherald.db.sqlfiles import named_query
 from pgherald.events.model import RowShape
-from pgherald.store.changelog import (
-    ChangeLog,
-    Statement,
-    enter_statements,
-    shape_columns,
-    shape_digest,
-)
+from pgherald.store.changelog import ChangeLog, Statement, shape_columns, shape_digest
 from pgherald.store.queries import query
-from pgherald.store.session import transaction_for
+from pgherald.store.session import check_schema_name, transaction_for
 
 _FILE: Final = "append_selected.sql"
 
 
 @functools.lru_cache(maxsize=256)
-def _digest(shape: RowShape) -> tuple[str, list[list[Any]]]:
-    """The shape's digest and its stored columns (shapes are few and long-lived)."""
+def _digest(shape: RowShape) -> tuple[str, Jsonb]:
+    """The shape's digest and its stored columns."""
     columns = shape_columns(shape)
-    return shape_digest(columns), columns
+    return shape_digest(columns), Jsonb(columns)
+
+
+_PLACEHOLDER: Final = re.compile(r"%\(([^)]+)\)s|%%|%")
+
+
+@functools.lru_cache(maxsize=64)
+def _statement(
+    rows: str, labels: tuple[str, ...], shapes: tuple[RowShape, ...], channel: str
+) -> tuple[bytes, tuple[str, ...]]:
+    """``insert_selected`` around the source's SELECT, with the shapes and the channel
+    written in, rendered once with ``$n`` placeholders; and the parameter names in order.
+
+    psycopg parses a statement for its ``%(name)s`` placeholders at every execution once it
+    is over 4 kB (this one is, with a few columns); rendered here once, it goes through a
+    ``RawCursor``, which sends it as it is. Comment lines are left out."""
+    code = "\n".join(
+        line
+        for line in named_query(_FILE, "insert_selected").splitlines()
+        if not line.lstrip().startswith("--")
+    )
+    digests = [_digest(shape) for shape in shapes]
+    text = (
+        sql.SQL(code)
+        .format(
+            rows=sql.SQL(rows),
+            labels=_literal(list(labels)),
+            digests=_literal([digest for digest, _ in digests]),
+            columns=_literal([columns for _, columns in digests]),
+            channel=_literal(channel),
+        )
+        .as_string()
+    )
+    names: list[str] = []
+
+    def number(match: re.Match[str]) -> str:
+        if match.group(0) == "%%":
+            return "%"
+        if match.group(1) is None:
+            raise ValueError(f"a lone % in a selected statement: {text[match.start() :][:40]!r}")
+        name = match.group(1)
+        if name not in names:
+            names.append(name)
+        return f"${names.index(name) + 1}"
+
+    return _PLACEHOLDER.sub(number, text).encode("utf-8"), tuple(names)
+
+
+def _literal(value: Any) -> sql.SQL:
+    """A constant of the statement, ``%`` doubled as for any text with placeholders."""
+    return sql.SQL(sql.Literal(value).as_string().replace("%", "%%"))
 
 
 def append_selected(
@@ -57,43 +103,33 @@ def append_selected(
     then: Sequence[Statement] = (),
     commit: bool = False,
 ) -> Counter[tuple[str, str]]:
-    """Inserts the events that ``rows`` selects into the log in the connection's transaction;
-    returns how many were stored per (watch, method) (an ``event_id`` already in the log
-    is skipped, as a replay).
+    """Inserts the events that the SELECT ``rows`` makes into the log, in the connection's
+    transaction; returns how many were stored per (watch, method) (an ``event_id`` already
+    in the log is skipped, as a replay).
 
-    ``shapes`` are the shapes that ``rows`` names by label; they are stored first if new
-    (every time: one index probe each, where a cache of ids could go stale). ``then`` and
-    ``commit`` are as for ``ChangeLog.append``: the append, the caller's statements and the
-    COMMIT go in one round trip. The parameters of ``rows`` must not start with
-    ``selected_``.
+    ``rows`` is best an ``sql.SQL`` of text rendered once (``Composable.as_string``): the
+    whole statement is then rendered once per distinct SELECT and shapes. Its parameters
+    are ``params``. ``shapes`` are the shapes that it names by label; new ones are stored
+    by the same statement. ``then`` and ``commit`` are as for ``ChangeLog.append``: the
+    append, the caller's statements and the COMMIT go in one round trip.
     """
     conn = log.conn
-    labels = list(shapes)
-    digests = [_digest(shapes[label]) for label in labels]
-    statement = sql.SQL(named_query(_FILE, "insert_selected")).format(rows=rows)
-    values = {
-        **params,
-        "selected_labels": labels,
-        "selected_digests": [digest for digest, _ in digests],
-    }
+    check_schema_name(log.schema)
+    labels = tuple(shapes)
+    statement, names = _statement(
+        rows.as_string(conn), labels, tuple(shapes[label] for label in labels), log.channel
+    )
+    path = sql.Identifier(log.schema).as_string(conn)
     with transaction_for(conn):
         with conn.pipeline():
-            for enter in enter_statements(conn, log.schema):
-                conn.execute(*enter)
+            if not commit:  # a COMMIT puts the caller's path back by itself
+                conn.execute(query("save_search_path"))
+            conn.execute(query("set_search_path"), {"path": path})
             conn.execute(query("append_lock"))
-            if digests:
-                conn.execute(
-                    query("upsert_shapes"),
-                    {
-                        "digests": [digest for digest, _ in digests],
-                        "columns": [Jsonb(columns) for _, columns in digests],
-                    },
-                )
-            counted = conn.cursor()
-            counted.execute(statement, values)
+            counted = psycopg.RawCursor(conn)
+            counted.execute(statement, [params[name] for name in names])
             for extra in then:
                 conn.execute(*extra)
-            conn.execute(query("notify_appended"), {"channel": log.channel})
             if commit:
                 conn.commit()
             else:
