@@ -271,7 +271,21 @@ class Leadership:
         finally:
             self._end_terms()
             if self._conn is not None:
-                self._conn.close()  # the server drops every lock of the session
+                self._give_back(self._conn)
+                self._conn.close()
+
+    def _give_back(self, conn: psycopg.Connection[Any]) -> None:
+        """Unlocks every role held, before the connection closes: the server would drop
+        the locks anyway, but only once the session has ended, a moment later; this way a
+        successor (another instance, or this process's next ``Capture``) leads at once."""
+        for role in self.roles.values():
+            if role._held:
+                try:
+                    conn.execute(_q("unlock"), {"key": role.key})
+                except psycopg.Error:
+                    return  # the connection is gone: so are its locks
+                role._held = False
+                log.info("no longer leading %s", role.title)
 
     def _connect(self) -> psycopg.Connection[Any]:
         conn = connect(
