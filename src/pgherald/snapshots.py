@@ -6,10 +6,17 @@ recorded first, in a transaction of its own, so that a run that fails, or is kil
 still shows in ``runs``: as ``error`` with the database's message, or left ``running``
 until the next run of that watch marks it ``aborted``. A watch never runs twice at once,
 in one process or several (a session advisory lock per watch).
+
+Each run also saves, with everything else, how many rows the baseline holds now, as the
+checkpoint ``snapshot:<watch>`` (``{"run": id, "rows": n}``): the baseline is an UNLOGGED
+table, which a server crash empties, and the next run tells it from an empty result by
+that count. A lost baseline is recorded again, and the run says so in ``errors`` (with
+the run ``ok``: nothing failed, but the changes since the last run were not reported).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -29,7 +36,7 @@ from pgherald.events import ChangeEvent
 from pgherald.ops import metrics
 from pgherald.schedule import Schedule
 from pgherald.sources.snapshot import SnapshotComparer, SnapshotWatch
-from pgherald.store import errors, runs
+from pgherald.store import checkpoints, errors, runs
 from pgherald.store import watches as registry
 from pgherald.store.changelog import ChangeLog
 from pgherald.store.watches import Watch
@@ -58,12 +65,20 @@ class RunResult:
     shape_changed: bool = False
     error: str | None = None
     notes: tuple[str, ...] = field(default_factory=tuple)
+    baseline_lost: bool = False
+    """The baseline had been emptied by a crash: recorded again, changes since not reported."""
 
     def describe(self) -> str:
         if self.status == "skipped":
             return f"{self.watch}: skipped ({self.error})"
         if self.status == "error":
             return f"{self.watch}: FAILED (run {self.run_id}): {self.error}"
+        if self.baseline_lost:
+            return (
+                f"{self.watch}: the baseline was lost (server crash?) and recorded again,"
+                f" {self.rows_compared} rows; changes since the last run are not reported"
+                f" (run {self.run_id})"
+            )
         if self.baseline_created:
             return f"{self.watch}: baseline recorded, {self.rows_compared} rows (run {self.run_id})"
         shape = ", shape changed" if self.shape_changed else ""
@@ -94,6 +109,44 @@ def snapshot_watch(w: Watch) -> SnapshotWatch:
         schema=schema,
         table=table,
         initial_events=bool((w.options or {}).get("initial_events")),
+    )
+
+
+def baseline_checkpoint(watch: str) -> str:
+    """The checkpoint that keeps a snapshot watch's baseline row count, for crash detection."""
+    return f"snapshot:{watch}"
+
+
+@dataclass(frozen=True)
+class BaselineRecord:
+    """What the last committed run of a watch left in its baseline."""
+
+    run: int | None
+    rows: int
+
+    @classmethod
+    def parse(cls, position: str | None) -> BaselineRecord | None:
+        if position is None:
+            return None
+        try:
+            found = json.loads(position)
+            run = found.get("run")
+            return cls(None if run is None else int(run), int(found["rows"]))
+        except (ValueError, TypeError, KeyError, AttributeError):
+            return None  # not ours to read: as if nothing was kept
+
+    def position(self) -> str:
+        return json.dumps({"run": self.run, "rows": self.rows})
+
+
+def _lost_message(watch: str, run_id: int, record: BaselineRecord | None, rows: int) -> str:
+    since = f"run {record.run}" if record and record.run is not None else "the last run"
+    held = f"{record.rows} rows" if record else "rows"
+    return (
+        f"snapshot watch {watch!r}: its baseline (an UNLOGGED table, which a server crash or a"
+        f" failover empties) had lost its {held}; run {run_id} recorded it again from the"
+        f" current {rows} rows, and changes made between {since} and run {run_id} are not"
+        " reported"
     )
 
 
@@ -152,9 +205,36 @@ def _locked_run(conn: psycopg.Connection[Any], settings: Settings, watch: Watch)
         def emit(events: Sequence[ChangeEvent]) -> None:
             changelog.append(events)
 
+        record_name = baseline_checkpoint(watch.name)
+        record = BaselineRecord.parse(checkpoints.load_checkpoint(conn, schema, record_name))
         outcome = SnapshotComparer(schema, type_names).run(
-            conn, target, run_id, emit, datetime.now(UTC)
+            conn,
+            target,
+            run_id,
+            emit,
+            datetime.now(UTC),
+            baseline_rows=record.rows if record else None,
         )
+        checkpoints.save_checkpoint(
+            conn, schema, record_name, BaselineRecord(run_id, outcome.rows_compared).position()
+        )
+        if outcome.baseline_lost:
+            lost = _lost_message(watch.name, run_id, record, outcome.rows_compared)
+            errors.record_error(
+                conn,
+                schema,
+                lost,
+                watch=watch.name,
+                run_id=run_id,
+                source="snapshot",
+                detail={
+                    "reason": "baseline_lost",
+                    "recorded_run": record.run if record else None,
+                    "recorded_rows": record.rows if record else None,
+                    "rows": outcome.rows_compared,
+                },
+            )
+            log.warning("%s", lost)
         runs.finish_run(
             conn,
             schema,
@@ -198,6 +278,7 @@ def _locked_run(conn: psycopg.Connection[Any], settings: Settings, watch: Watch)
         outcome.baseline_created,
         outcome.shape_changed,
         notes=tuple(outcome.notes),
+        baseline_lost=outcome.baseline_lost,
     )
     log.info("snapshot %s", result.describe())
     return result

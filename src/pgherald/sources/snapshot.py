@@ -19,6 +19,15 @@ The caller commits events, baseline and run record together: a failed or killed 
 leaves the baseline as it was, and the next run compares against it again. Without a key,
 rows are compared as a multiset of whole rows; such events say that rows are identified
 by their content.
+
+The baseline is an UNLOGGED table: bringing it up to date writes no WAL (it was most of
+a run's WAL, as the few changed rows touch nearly every page). The price is that crash
+recovery empties it (a server crash, a failover to a standby, a restore from a base
+backup). The caller keeps the baseline's row count in a logged table, committed with the
+run, and hands it to the next run: an empty baseline that should hold rows was lost, and
+is recorded again from the current result, as a first run does, with nothing reported
+(the state it held is gone, so the changes since the last run cannot be told) and
+``RunOutcome.baseline_lost`` set for the caller to record why.
 """
 
 from __future__ import annotations
@@ -106,6 +115,8 @@ class RunOutcome:
     deletes: int = 0
     rows_compared: int = 0
     baseline_created: bool = False
+    baseline_lost: bool = False
+    """The baseline was found emptied by a crash and recorded again (``baseline_created``)."""
     shape_changed: bool = False
     events: int = 0
     notes: list[str] = field(default_factory=list)
@@ -216,15 +227,33 @@ class SnapshotComparer:
         run_id: int,
         emit: Emit,
         captured_at: datetime,
+        baseline_rows: int | None = None,
     ) -> RunOutcome:
         """Compares and updates the baseline in ``conn``'s open transaction; events go to
-        ``emit`` in batches. The caller commits (or rolls back) everything."""
+        ``emit`` in batches. The caller commits (or rolls back) everything.
+
+        ``baseline_rows`` is how many rows the baseline held when the last run committed
+        (``RunOutcome.rows_compared``, kept by the caller in a logged table), or ``None``
+        where nothing was kept; it tells a baseline that a crash emptied from one that is
+        empty because the result was."""
         self._canonical(conn)
         current = self.current_columns(conn, watch)
         before = self.baseline_columns(conn, watch)
         out = RunOutcome()
         events = _EventMaker(watch, run_id, captured_at, conn)
         out.rows_compared = self._check_keys(conn, watch, current)
+        unlogged = before is not None and self._unlogged(conn, watch)
+        if before is not None and unlogged and self._lost(conn, watch, baseline_rows):
+            # What the baseline held is gone: nothing to compare with, so this run records
+            # it again, as a first run does, and reports no change rather than every row.
+            self._rebuild(conn, watch, current)
+            out.baseline_created = out.baseline_lost = True
+            out.notes.append(
+                "the baseline was lost (an UNLOGGED table, emptied by a server crash or a"
+                f" failover; it held {baseline_rows if baseline_rows is not None else 'some'}"
+                " rows): recorded again; changes since the last run are not reported"
+            )
+            return out
         if before is None:
             self._rebuild(conn, watch, current)
             out.baseline_created = True
@@ -257,6 +286,9 @@ class SnapshotComparer:
                 self._rebuild(conn, watch, current)
             else:
                 self._apply(conn, watch, current)
+                if not unlogged:
+                    conn.execute(_q("unlog_baseline").format(baseline=self._baseline(watch)))
+                    out.notes.append("the baseline table was made UNLOGGED")
             order: list[sql.Composable] = [
                 sql.SQL("coalesce({}::text, {}::text)").format(
                     sql.Identifier(f"k_{i}"),
@@ -358,6 +390,25 @@ class SnapshotComparer:
                 f" identify one row: {shown}"
             )
         return total
+
+    def _unlogged(self, conn: psycopg.Connection[Any], watch: SnapshotWatch) -> bool:
+        row = conn.execute(
+            named_query(_FILE, "baseline_persistence"),
+            {"store": self.store, "table": watch.baseline},
+        ).fetchone()
+        return bool(row and row[0] == "u")
+
+    def _lost(
+        self, conn: psycopg.Connection[Any], watch: SnapshotWatch, recorded: int | None
+    ) -> bool:
+        """Whether an UNLOGGED baseline was emptied by crash recovery: it is empty, and the
+        last run recorded rows in it (or recorded nothing, which no baseline that a run
+        made UNLOGGED lacks: it is committed with the table)."""
+        if recorded == 0:
+            return False
+        row = conn.execute(_q("baseline_has_rows").format(baseline=self._baseline(watch)))
+        found = row.fetchone()
+        return not (found and found[0])
 
     def _key_guaranteed(self, conn: psycopg.Connection[Any], watch: SnapshotWatch) -> bool:
         """Whether the watched table (not a view or query) makes the key unique and not NULL."""
