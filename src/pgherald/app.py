@@ -584,10 +584,80 @@ def sink_config(stored: StoredSink) -> SinkConfig:
     )
 
 
+IN_PROCESS_KINDS: Final = ("python",)
+"""Sinks that the Python API serves in its own process (its callbacks' dead letters):
+delivery workers leave them alone."""
+
+
+class SinkCatalog:
+    """The sinks a delivery process serves, built from the store's rows: what
+    ``DeliveryEngine`` asks for when the sinks change.
+
+    A row that did not change keeps the sink built for it, so the engine leaves it running.
+    A sink whose options cannot be built (a row changed by hand) is said once, as an error
+    in the log, and left out: one bad sink, of one user, does not stop delivery to the
+    others. Each sink built for the first time gets the store's presentation settings
+    (``mailing.use_presentation``), and the secrets of its options are masked in the logs.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        names: Sequence[str] | None = None,
+        overrides: Mapping[str, Sink] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.names = set(names) if names is not None else None
+        self.overrides = dict(overrides or {})
+        self._built: dict[str, tuple[StoredSink, Sink]] = {}
+        self._refused: dict[str, StoredSink] = {}
+
+    def build(self, stored: Sequence[StoredSink]) -> dict[str, tuple[Sink, StoredSink]]:
+        """The sinks to serve among ``stored``: the enabled ones (of ``names``, if given)."""
+        from pgherald import logs, mailing
+
+        out: dict[str, tuple[Sink, StoredSink]] = {}
+        fresh: list[Sink] = []
+        for s in stored:
+            if not s.enabled or s.kind in IN_PROCESS_KINDS:
+                continue
+            if self.names is not None and s.name not in self.names:
+                continue
+            known = self._built.get(s.name)
+            if known is not None and _same_sink(known[0], s):
+                out[s.name] = (known[1], s)
+                continue
+            try:
+                sink = self.overrides.get(s.name) or build_sink(sink_config(s))
+            except ConfigError as e:
+                refused = self._refused.get(s.name)
+                if refused is None or not _same_sink(refused, s):
+                    log.error("sink %r is not served: %s", s.name, e, extra={"sink": s.name})
+                    self._refused[s.name] = s
+                continue
+            self._refused.pop(s.name, None)
+            logs.add_secrets(logs.secrets_in_options(s.options))
+            fresh.append(sink)
+            out[s.name] = (sink, s)
+        if fresh:
+            mailing.use_presentation(self.settings, fresh)
+        self._built = {name: (s, sink) for name, (sink, s) in out.items()}
+        return out
+
+
+def _same_sink(a: StoredSink, b: StoredSink) -> bool:
+    """The same definition (a sink removed and added again is a new one)."""
+    return a == b
+
+
 class Delivery:
     """Routing and delivery in background threads, for ``pgherald run`` and tests.
 
-    ``sinks`` restricts delivery to some sinks (all enabled ones by default).
+    ``sinks`` restricts delivery to some sinks (all enabled ones by default). The sinks
+    are those of the store as they change while it runs: the engine reads them again when
+    told (``SinkCatalog`` builds them) and hands the digest sinks to the digest job.
+    ``idle_close``, ``sweep``, ``refresh`` and ``max_connections`` are the engine's
+    (``DeliveryEngine``).
     """
 
     def __init__(
@@ -598,38 +668,53 @@ class Delivery:
         batch_size: int = 500,
         policy: RetryPolicy | None = None,
         overrides: Mapping[str, Sink] | None = None,
+        *,
+        idle_close: float = 10.0,
+        sweep: float = 5.0,
+        refresh: float = 30.0,
+        max_connections: int = 20,
     ) -> None:
+        from pgherald import mailing
+
         self.settings = settings
         self.stop = stop or threading.Event()
         with connect(settings, autocommit=True) as conn:
             migrations.require_current(conn, settings.schema)
-            stored = [s for s in deliveries.list_sinks(conn, settings.schema) if s.enabled]
-        if sinks is not None:
-            stored = [s for s in stored if s.name in sinks]
-        built: dict[str, tuple[Sink, StoredSink]] = {}
-        for s in stored:
-            sink = (overrides or {}).get(s.name) or build_sink(sink_config(s))
-            built[s.name] = (sink, s)
-        from pgherald import mailing
-
-        mailing.use_presentation(settings, [sink for sink, _ in built.values()])
-        built, digest_sinks = mailing.split(built)
+            stored = deliveries.list_sinks(conn, settings.schema)
+        self.catalog = SinkCatalog(settings, sinks, overrides)
+        built, digest_sinks = mailing.split(self.catalog.build(stored))
+        self._digest_sinks = digest_sinks
         self.router = Router(settings)
-        self.engine = DeliveryEngine(settings, built, batch_size=batch_size, policy=policy)
-        self.digests = DigestJob(settings, digest_sinks, policy=policy) if digest_sinks else None
+        self.engine = DeliveryEngine(
+            settings,
+            built,
+            batch_size=batch_size,
+            policy=policy,
+            catalog=self._serve,
+            idle_close=idle_close,
+            sweep=sweep,
+            refresh=refresh,
+            max_connections=max_connections,
+        )
+        self.digests = DigestJob(settings, digest_sinks, policy=policy)
+        digests = self.digests
         self.threads = [
             _SourceThread("pgherald-router", lambda: self.router.run(self.stop), self.stop),
             _SourceThread(
                 "pgherald-delivery", lambda: self.engine.run_blocking(self.stop), self.stop
             ),
+            _SourceThread("pgherald-digests", lambda: digests.run_blocking(self.stop), self.stop),
         ]
-        if self.digests is not None:
-            digests = self.digests
-            self.threads.append(
-                _SourceThread(
-                    "pgherald-digests", lambda: digests.run_blocking(self.stop), self.stop
-                )
-            )
+
+    def _serve(self, stored: Sequence[StoredSink]) -> dict[str, tuple[Sink, StoredSink]]:
+        """The engine's catalog: the sinks it serves now; the digest job gets the rest."""
+        from pgherald import mailing
+
+        engine, digest_sinks = mailing.split(self.catalog.build(stored))
+        if digest_sinks != self._digest_sinks:
+            self._digest_sinks = digest_sinks
+            self.digests.replace_sinks(digest_sinks)
+        return engine
 
     @property
     def errors(self) -> list[BaseException]:
@@ -643,9 +728,7 @@ class Delivery:
 
     def wait_ready(self, timeout: float = 30.0) -> None:
         deadline = time.monotonic() + timeout
-        ready = [self.router.connected, self.engine.connected]
-        if self.digests is not None:
-            ready.append(self.digests.connected)
+        ready = [self.router.connected, self.engine.connected, self.digests.connected]
         for event in ready:
             while not event.wait(0.05):
                 if self.errors:

@@ -1,4 +1,4 @@
-"""The delivery commands: ``sink add/list/remove``, ``subscribe``, ``unsubscribe``,
+"""The delivery commands: ``sink add/list/disable/enable/remove``, ``subscribe``, ``unsubscribe``,
 ``subscriptions``, ``deliveries list/retry/discard`` and ``tail``.
 
 They live apart from ``cli.py`` to keep each file about one thing; ``cli.py`` registers
@@ -35,7 +35,7 @@ def _names(value: str | None) -> list[str] | None:
 
 @click.group()
 def sink() -> None:
-    """Add, list and remove sinks (where changes are delivered)."""
+    """Add, list, disable, enable and remove sinks (where changes are delivered)."""
 
 
 @sink.command("add")
@@ -120,6 +120,29 @@ def sink_list(ctx: click.Context, fmt: str) -> None:
             + ("  strictly ordered" if s.strictly_ordered else "")
             + f"  watches: {', '.join(present.clean(w, 40) for w in watched) or 'none'}"
         )
+
+
+@sink.command("disable")
+@click.argument("name")
+@click.pass_context
+def sink_disable(ctx: click.Context, name: str) -> None:
+    """Stop delivering to sink NAME (running delivery stops at once; its open deliveries
+    wait for `sink enable`, and changes made meanwhile are not routed to it)."""
+    from pgherald import routing_admin
+
+    changed = routing_admin.set_sink_enabled(_settings(ctx), name, False)
+    click.echo(f"disabled sink {name!r}" if changed else f"sink {name!r} was disabled already")
+
+
+@sink.command("enable")
+@click.argument("name")
+@click.pass_context
+def sink_enable(ctx: click.Context, name: str) -> None:
+    """Deliver to sink NAME again (running delivery starts at once)."""
+    from pgherald import routing_admin
+
+    changed = routing_admin.set_sink_enabled(_settings(ctx), name, True)
+    click.echo(f"enabled sink {name!r}" if changed else f"sink {name!r} was enabled already")
 
 
 @sink.command("remove")
@@ -313,6 +336,8 @@ COMMANDS = (sink, subscribe, unsubscribe, deliveries_group, tail)
 LEAVES = (
     sink_add,
     sink_list,
+    sink_disable,
+    sink_enable,
     sink_remove,
     subscribe,
     unsubscribe,

@@ -16,7 +16,9 @@ The daemon owns three things the parts themselves do not:
   logged in one line and changes nothing. Otherwise ``declared.apply`` makes the store
   follow the file's changes, the log level and format change in place, and a part whose
   inputs changed is restarted cleanly (stopped as above, then started again): capture when
-  the watches it captures changed, delivery when the sinks changed.
+  the watches it captures changed, delivery when the settings its sinks are built with
+  changed (presentation, ``[smtp]``). Sinks that change are picked up by the running
+  delivery engine itself, without a restart (``DeliveryEngine``).
 - **Telling the service manager** (systemd ``Type=notify``): READY, RELOADING, STOPPING and
   a one-line STATUS, through ``$NOTIFY_SOCKET`` when it is set.
 """
@@ -170,23 +172,13 @@ def _capture_inputs(settings: Settings) -> tuple[Any, ...]:
 
 
 def _delivery_inputs(settings: Settings) -> tuple[Any, ...]:
-    """The enabled sinks and the settings that shape what people receive."""
-    with connect(settings, autocommit=True) as conn:
-        stored = deliveries.list_sinks(conn, settings.schema)
-    sinks = sorted(
-        (
-            s.name,
-            s.kind,
-            s.format,
-            json.dumps(s.options, sort_keys=True, default=str),
-            s.strictly_ordered,
-            s.max_attempts,
-        )
-        for s in stored
-        if s.enabled
-    )
+    """The settings delivery's sinks are built with: what people receive looks like (locale,
+    time zone, links, templates) and the mail server of ``smtp = "settings"`` sinks
+    (``[smtp]``). The sinks themselves are not among them: the running engine follows
+    the store's sinks by itself (``DeliveryEngine``), a reload's changes included."""
     presentation = (settings.locale, settings.timezone, settings.public_url, settings.templates_dir)
-    return (tuple(sinks), presentation)
+    smtp = json.dumps(dict(settings.smtp), sort_keys=True, default=str)
+    return (presentation, smtp)
 
 
 _WEB_SETTINGS = ("locale", "timezone", "public_url", "templates_dir")
@@ -399,18 +391,19 @@ class Daemon:
 
     def _describe_delivery(self, delivery: app.Delivery) -> None:
         sinks = delivery.engine.sinks
-        digests = delivery.digests
+        digests = delivery.digests.sinks
         if sinks:
             log.info(
                 "routing the change log and delivering to sinks %s",
                 ", ".join(f"{n!r} ({cfg.kind})" for n, (_, cfg) in sorted(sinks.items())),
             )
-        if digests is not None:
-            log.info("sending e-mail digests when they are due")
-        if not sinks and digests is None:
+        if digests:
+            log.info("sending e-mail digests of sinks %s when they are due", _names(digests))
+        if not sinks and not digests:
             log.info(
-                "routing the change log; no enabled sink to deliver to yet (add one with"
-                " `pgherald sink add` or in the configuration file, then reload)"
+                "routing the change log; no enabled sink to deliver to yet (sinks added with"
+                " `pgherald sink add`, in the configuration file or in the console are served"
+                " as they come)"
             )
 
     def _status(self) -> str:
@@ -497,7 +490,7 @@ class Daemon:
             inputs = _delivery_inputs(self.settings)
             if inputs != self._delivery_inputs:
                 self._restart_delivery()
-                done.append("restarted delivery")
+                done.append("restarted delivery for the changed settings")
         return done
 
     def _restart_capture(self) -> None:
@@ -517,7 +510,7 @@ class Daemon:
     def _restart_delivery(self) -> None:
         old = self.delivery
         if old is not None:
-            log.info("restarting delivery for the changed sinks: finishing what it sends first")
+            log.info("restarting delivery for the changed settings: finishing what it sends first")
             self._close_parts([old], self.settings.shutdown_timeout, "delivery restart")
             self.delivery = None
         delivery = self._new_delivery()

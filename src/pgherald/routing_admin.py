@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from typing import Any, Final
 
 from pgherald import app
@@ -85,6 +86,23 @@ def remove_sink(settings: Settings, name: str) -> None:
         if not deliveries.remove_sink(conn, settings.schema, name):
             raise ConfigError(f"no sink named {name!r} (see `pgherald sink list`)")
         conn.commit()
+
+
+def set_sink_enabled(settings: Settings, name: str, enabled: bool) -> bool:
+    """Disables (or enables again) a sink; False when it already was. Running delivery
+    stops (or starts) delivering to it at once; a disabled sink keeps its open deliveries
+    for when it is enabled again, and gets no deliveries for the changes made meanwhile."""
+    with connect(settings) as conn:
+        migrations.require_current(conn, settings.schema)
+        found = [s for s in deliveries.list_sinks(conn, settings.schema) if s.name == name]
+        if not found:
+            raise ConfigError(f"no sink named {name!r} (see `pgherald sink list`)")
+        [sink] = found
+        if sink.enabled == enabled:
+            return False
+        deliveries.update_sink(conn, settings.schema, replace(sink, enabled=enabled))
+        conn.commit()
+    return True
 
 
 def list_sinks(settings: Settings) -> list[StoredSink]:

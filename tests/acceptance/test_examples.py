@@ -12,10 +12,12 @@
 from __future__ import annotations
 
 import configparser
+import dataclasses
 import shlex
 import shutil
 import subprocess
 import time
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -38,6 +40,12 @@ def test_the_example_configuration_loads_and_checks() -> None:
     settings = load_settings(CONFIG, env={})
     assert settings.config_file == CONFIG
     assert settings.log_format == "json" and settings.shutdown_timeout == 30.0
+    # [slot_safety] is there, with every key (each one checked by load_settings)
+    raw = tomllib.loads(CONFIG.read_text(encoding="utf-8"))["slot_safety"]
+    assert set(raw) == {f.name for f in dataclasses.fields(settings.slot_safety)}
+    safety = settings.slot_safety
+    assert (safety.warn_retained_wal, safety.critical_retained_wal) == (1 << 30, 4 << 30)
+    assert (safety.policy_retained_wal, safety.policy) == (16 << 30, "alert")
     names = [declared.watch_name(w) for w in settings.watches]
     assert names == ["employees", "orders", "invoices"]
     assert [s.name for s in settings.sinks] == ["orders-bus", "billing-hook", "hr-digest"]

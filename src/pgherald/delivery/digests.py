@@ -43,6 +43,7 @@ import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, time, timedelta, tzinfo
+from time import monotonic as time_now
 from typing import Any, Final, Literal
 
 import psycopg
@@ -131,6 +132,19 @@ def _one_line(e: BaseException) -> str:
     return text.splitlines()[0] if text else type(e).__name__
 
 
+def _state(name: str, sink: DigestSink, stored: StoredSink) -> _SinkState:
+    if sink.digest is None:
+        raise ValueError(f"sink {name!r} does not send digests")
+    return _SinkState(sink, stored, sink.digest)
+
+
+async def _close(sink: DigestSink) -> None:
+    try:
+        await sink.close()
+    except Exception as e:  # closing is best effort
+        log.warning("closing sink %s: %s", sink.name, _one_line(e))
+
+
 class DigestJob:
     """Sends the due digests of the given sinks, once per ``run_once`` or every ``poll``
     seconds until stopped."""
@@ -149,9 +163,47 @@ class DigestJob:
         self.connected = threading.Event()
         self._sinks: dict[str, _SinkState] = {}
         for name, (sink, stored) in sinks.items():
-            if sink.digest is None:
-                raise ValueError(f"sink {name!r} does not send digests")
-            self._sinks[name] = _SinkState(sink, stored, sink.digest)
+            self._sinks[name] = _state(name, sink, stored)
+        self._lock = threading.Lock()
+        self._replacement: dict[str, tuple[DigestSink, StoredSink]] | None = None
+        self._woken = threading.Event()
+
+    @property
+    def sinks(self) -> list[str]:
+        """The names of the sinks it serves (as of its last pass)."""
+        return sorted(self._sinks)
+
+    def replace_sinks(self, sinks: Mapping[str, tuple[DigestSink, StoredSink]]) -> None:
+        """Serves these sinks from the next pass on, which comes at once (from any thread:
+        the delivery engine hands over the digest sinks of the store as they change). A
+        sink whose object is the same keeps its state; one that goes is closed."""
+        for name, (sink, stored) in sinks.items():
+            _state(name, sink, stored)  # refuses a sink that does not send digests
+        with self._lock:
+            self._replacement = dict(sinks)
+        self._woken.set()
+
+    async def _take_replacement(self) -> None:
+        with self._lock:
+            replacement, self._replacement = self._replacement, None
+        if replacement is None:
+            return
+        kept: dict[str, _SinkState] = {}
+        for name, (sink, stored) in replacement.items():
+            old = self._sinks.get(name)
+            if old is not None and old.sink is sink:
+                old.stored = stored
+                kept[name] = old
+            else:
+                kept[name] = _state(name, sink, stored)
+        gone = [
+            st.sink
+            for name, st in self._sinks.items()
+            if name not in kept or kept[name].sink is not st.sink
+        ]
+        self._sinks = kept
+        for sink in gone:
+            await _close(sink)
 
     # -- running ---------------------------------------------------------------------------
 
@@ -159,13 +211,17 @@ class DigestJob:
         asyncio.run(self.run(stop))
 
     async def run(self, stop: threading.Event) -> None:
-        """Every ``poll`` seconds, sends what is due; a lost store is retried."""
+        """Every ``poll`` seconds (at once when its sinks were replaced), sends what is due;
+        a lost store is retried. Without sinks it connects to nothing."""
         self.connected.set()
         delay = 1.0
         try:
             while not stop.is_set():
+                self._woken.clear()
+                await self._take_replacement()
                 try:
-                    await self.run_once()
+                    if self._sinks:
+                        await self.run_once()
                     delay = 1.0
                     wait = self.poll
                 except (psycopg.OperationalError, ConnectionFailed) as e:
@@ -173,13 +229,12 @@ class DigestJob:
                         "digests lost the store (%s); retrying in %.0fs", _one_line(e), delay
                     )
                     wait, delay = delay, min(delay * 2, 60.0)
-                await asyncio.to_thread(stop.wait, wait)
+                deadline = time_now() + wait
+                while not stop.is_set() and not self._woken.is_set() and time_now() < deadline:  # noqa: ASYNC110 (threading.Events)
+                    await asyncio.sleep(min(0.2, max(0.0, deadline - time_now())))
         finally:
             for state in self._sinks.values():
-                try:
-                    await state.sink.close()
-                except Exception as e:  # closing is best effort
-                    log.warning("closing sink %s: %s", state.sink.name, _one_line(e))
+                await _close(state.sink)
 
     async def run_once(self, now: datetime | None = None) -> list[DigestResult]:
         """One pass over every sink: sends what is due at ``now`` (the database's clock by

@@ -32,22 +32,43 @@ The transaction does not wait for the WAL flush at COMMIT: a crash of the *serve
 forget the last outcomes recorded, and those deliveries are then sent again, which at
 least once allows; nothing else was built on them, since whatever was committed after
 them is lost with them (the WAL keeps the order).
+
+**Sinks that change while it runs.** The engine serves the sinks as the store has them
+now: the store functions that add, change, disable or remove a sink (``pgherald sink``,
+a configuration reload, the console's self-service) NOTIFY ``sinks_channel`` in their
+transaction, and the engine then reads the sinks again, has them built (``catalog``: the
+composition root knows the kinds) and starts, restarts or stops the sinks that changed.
+It also reads them every ``refresh`` seconds, so a NOTIFY that was missed (the engine's
+connection was down) only delays a change. A sink that is stopped or restarted finishes
+the batch it is sending and records it first; claims it made ahead are rolled back with
+their connection, so those deliveries are simply open again.
+
+**Idle sinks cost no connection.** One connection per engine (the *control* connection,
+in a thread of its own) LISTENs for the router's wake-ups, which name the sinks that got
+deliveries, and for sink changes. A sink's lanes are opened when it has work (a wake-up,
+a retry that fell due, or a look every ``sweep`` seconds at which idle sinks a claim
+would find work for, which catches what no NOTIFY announced) and closed again after
+``idle_close`` seconds without a batch. A busy sink keeps its lanes, as above.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
+import concurrent.futures
 import contextlib
 import logging
 import random
 import threading
 import time
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections import defaultdict
+from collections.abc import Callable, Coroutine, Mapping, Sequence
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, Final
+from typing import Any, Final, TypeAlias
 
 import psycopg
+from psycopg import sql
 
 from pgherald import logs
 from pgherald.config import Settings
@@ -63,10 +84,15 @@ from pgherald.errors import (
 from pgherald.events.formats import FormatError
 from pgherald.ops import metrics
 from pgherald.sinks.base import Message, Outcome, Sink, check_format, make_message
-from pgherald.sources.listen import Listener
 from pgherald.store import deliveries
 from pgherald.store.changelog import ChangeLog, StoredEvent
-from pgherald.store.deliveries import Status, StoredSink, deliveries_channel
+from pgherald.store.deliveries import (
+    Status,
+    StoredSink,
+    deliveries_channel,
+    sinks_channel,
+    woken_sinks,
+)
 
 log = logging.getLogger("pgherald.delivery")
 
@@ -92,6 +118,91 @@ class SinkStats:
     retried: int = 0
     dead: int = 0
     batches: int = 0
+
+
+SinkSet: TypeAlias = Mapping[str, tuple[Sink, StoredSink]]
+"""Sinks by name: the built sink and its row in the store."""
+
+Catalog: TypeAlias = Callable[[Sequence[StoredSink]], SinkSet]
+"""Turns the store's sinks (all of them, as read) into those this engine serves, built. It
+should hand back the same ``Sink`` object for a sink whose row did not change: the engine
+restarts a sink whose object or row changed. It runs in the engine's control thread."""
+
+
+@dataclass(eq=False)
+class _Slot:
+    """One sink as the engine serves it."""
+
+    name: str
+    sink: Sink
+    cfg: StoredSink
+    stop: threading.Event = field(default_factory=threading.Event)
+    """Set when the engine stops, or this sink was changed, disabled or removed."""
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
+    """Set by a wake-up for the sink (and with ``stop``); a claim clears it before it
+    claims, so a wake-up that comes while it claims is not lost."""
+    active: bool = False
+    """Whether it holds connections (its lanes) now; read by the control thread."""
+    due: float | None = None
+    """While idle: when (``time.monotonic``) its next retry falls due, if it knows one."""
+    task: asyncio.Task[None] | None = None
+
+    @property
+    def strict(self) -> bool:
+        # A sink that is strictly ordered by nature (the replica) is, whatever its
+        # configuration says: per-row claims would let a key move or a truncate
+        # overtake the rows around it, and the copy would diverge.
+        return self.cfg.strictly_ordered or self.sink.strictly_ordered
+
+
+class _Budget:
+    """The connections that the lanes of all sinks may hold together (``max_connections``):
+    a burst of work for many sinks at once (a change that goes to every user's feed) must
+    not take all of the server's connections. A sink waits for one lane's worth; a second
+    lane is taken only when one is free; and while sinks wait, a sink whose claim comes
+    back empty gives its connections back at once instead of after ``idle_close``."""
+
+    def __init__(self, size: int) -> None:
+        self.free = size
+        self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
+
+    @property
+    def wanted(self) -> bool:
+        """Whether some sink waits for a connection."""
+        return any(not f.done() for f in self._waiters)
+
+    def try_take(self) -> bool:
+        if self.free > 0 and not self.wanted:
+            self.free -= 1
+            return True
+        return False
+
+    async def take(self) -> None:
+        if self.try_take():
+            return
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        try:
+            await waiter
+        except asyncio.CancelledError:
+            if waiter.done() and not waiter.cancelled():
+                self.give()  # it was handed over as we were cancelled: pass it on
+            else:
+                with contextlib.suppress(ValueError):
+                    self._waiters.remove(waiter)
+            raise
+
+    def give(self) -> None:
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
+        self.free += 1
+
+
+class _Halted(Exception):
+    """The engine ended while the control thread waited for its loop."""
 
 
 @dataclass(frozen=True)
@@ -138,29 +249,53 @@ def _latencies(batch: _Batch, outcomes: Sequence[Outcome], sent: datetime) -> li
 
 
 class DeliveryEngine:
-    """Delivers to the given sinks until stopped."""
+    """Delivers to the given sinks until stopped; with a ``catalog``, to the sinks of the
+    store as they change (module docstring)."""
 
     def __init__(
         self,
         settings: Settings,
-        sinks: Mapping[str, tuple[Sink, StoredSink]],
+        sinks: SinkSet,
         *,
         batch_size: int = 500,
         policy: RetryPolicy | None = None,
         poll: float = 0.5,
         source_uri: str = "pgherald",
+        catalog: Catalog | None = None,
+        refresh: float = 30.0,
+        sweep: float = 5.0,
+        idle_close: float = 10.0,
+        max_connections: int = 20,
     ) -> None:
         self.settings = settings
-        self.sinks = dict(sinks)
+        self.sinks: dict[str, tuple[Sink, StoredSink]] = dict(sinks)
+        """The sinks served now: a new dict at each change, so any thread may read it."""
         self.batch_size = batch_size
         self.policy = policy or RetryPolicy()
         self.poll = poll
         self.source_uri = source_uri
-        self.stats = {name: SinkStats() for name in self.sinks}
+        self.catalog = catalog
+        self.refresh = refresh
+        """Seconds between readings of the sinks that no NOTIFY asked for (a safety net)."""
+        self.sweep = sweep
+        """Seconds between looks at which idle sinks have work that no NOTIFY announced."""
+        self.idle_close = idle_close
+        """Seconds without a batch after which a sink closes its connections."""
+        self.max_connections = max_connections
+        """Connections the sinks' lanes hold together at most (besides the control one)."""
+        self.stats: defaultdict[str, SinkStats] = defaultdict(SinkStats)
         self.connected = threading.Event()
-        self._wakes: dict[str, asyncio.Event] = {}
-        """Set by the router's NOTIFY; each sink's loop clears its own before it claims, so
-        a NOTIFY that comes while it claims is not lost."""
+        """Set once the control connection listens and the sinks were read."""
+        self.sink_changes = 0
+        """Sinks started, restarted or stopped since the engine started (changes applied)."""
+        self._slots: dict[str, _Slot] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._failure: BaseException | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._halt = threading.Event()
+        self._types: TypeRegistry | None = None
+        self._last_read: list[StoredSink] | None = None
+        self._budget = _Budget(max(max_connections, 1))
 
     # -- running ---------------------------------------------------------------------------
 
@@ -169,115 +304,318 @@ class DeliveryEngine:
         asyncio.run(self.run(stop))
 
     async def run(self, stop: threading.Event) -> None:
-        self._wakes = {name: asyncio.Event() for name in self.sinks}
-        tasks = [
-            asyncio.create_task(self._serve(name, sink, cfg, stop), name=f"deliver-{name}")
-            for name, (sink, cfg) in self.sinks.items()
-        ]
-        tasks.append(asyncio.create_task(self._listen(stop), name="deliveries-wake"))
-        self.connected.set()
+        self._loop = asyncio.get_running_loop()
+        self._halt.clear()
+        self._budget = _Budget(max(self.max_connections, 1))
+        for name, (sink, cfg) in self.sinks.items():
+            self._start_slot(name, sink, cfg)
+        control = threading.Thread(
+            target=self._control, args=(stop,), name="pgherald-delivery-control", daemon=True
+        )
+        control.start()
         try:
             while not stop.is_set():
                 await asyncio.sleep(0.1)
-                failed = [t for t in tasks if t.done() and t.exception() is not None]
-                if failed:
-                    raise failed[0].exception()  # type: ignore[misc]
+                if self._failure is not None:
+                    raise self._failure
             # Stopping: each sink's loop ends after the batch it is sending is recorded
             # (claims it made ahead are rolled back with their connection). A send that
             # outlasts the shutdown bound is cancelled: its claim is released, unrecorded.
-            await asyncio.wait(tasks, timeout=self.settings.shutdown_timeout)
+            self._stop_slots()
+            if self._tasks:
+                await asyncio.wait(list(self._tasks), timeout=self.settings.shutdown_timeout)
         finally:
+            self._halt.set()
+            self._stop_slots()
+            tasks = list(self._tasks)
             for t in tasks:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
-            for sink, _ in self.sinks.values():
-                try:
-                    await sink.close()
-                except Exception as e:  # closing is best effort
-                    log.warning("closing sink %s: %s", sink.name, _one_line(e))
+            await asyncio.to_thread(control.join, 5.0)
 
-    async def _listen(self, stop: threading.Event) -> None:
-        wakes = list(self._wakes.values())
+    def _stop_slots(self) -> None:
+        for slot in self._slots.values():
+            slot.stop.set()
+            slot.wake.set()
 
-        def woken(_: object = None) -> None:
-            for wake in wakes:
-                wake.set()
+    def _start_slot(
+        self, name: str, sink: Sink, cfg: StoredSink, after: asyncio.Task[None] | None = None
+    ) -> None:
+        slot = _Slot(name, sink, cfg)
+        self._slots[name] = slot
+        slot.task = asyncio.create_task(self._serve(slot, after), name=f"deliver-{name}")
+        self._tasks.add(slot.task)
+        slot.task.add_done_callback(self._slot_ended)
 
-        async with Listener(
-            self.settings.dsn, [deliveries_channel(self.settings.schema)], on_reconnect=woken
-        ) as listener:
-            listener.add_callback(woken)
-            while not stop.is_set():  # noqa: ASYNC110 (stop is a threading.Event)
-                await asyncio.sleep(0.2)
+    def _slot_ended(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None and self._failure is None:
+            self._failure = task.exception()
 
-    async def _idle(self, name: str) -> None:
-        """Waits for the router's NOTIFY (at once if one came since the last claim began),
-        or ``poll`` seconds for retries that fall due."""
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._wakes[name].wait(), self.poll)
+    def _wake(self, names: frozenset[str] | None) -> None:
+        """Wakes the named sinks (None: all); in the loop."""
+        for slot in self._slots.values() if names is None else ():
+            slot.wake.set()
+        for name in names or ():
+            found = self._slots.get(name)
+            if found is not None:
+                found.wake.set()
 
-    async def _serve(self, name: str, sink: Sink, cfg: StoredSink, stop: threading.Event) -> None:
-        logs.bind(sink=name)  # this task's log records say which sink they are about
-        delay = 0.5
-        while not stop.is_set():
-            try:
-                await sink.start()
-                break
-            except Exception as e:  # a broker that is down: keep trying
-                log.warning(
-                    "sink %s cannot start (%s); retrying in %.1fs", name, _one_line(e), delay
+    async def _apply(self, wanted: SinkSet) -> None:
+        """Makes the slots serve ``wanted``: a sink whose object or row changed is stopped
+        (it finishes what it sends) and started again once it has; one that is gone is
+        stopped; a new one is started (and looks for work at once)."""
+        retired: dict[str, asyncio.Task[None]] = {}
+        for name, slot in list(self._slots.items()):
+            new = wanted.get(name)
+            if new is not None and new[0] is slot.sink and new[1] == slot.cfg:
+                continue
+            slot.stop.set()
+            slot.wake.set()
+            del self._slots[name]
+            if slot.task is not None:
+                retired[name] = slot.task
+            self.sink_changes += 1
+            if new is None:
+                log.info(
+                    "sink %r was disabled or removed: delivery to it stops (the batch it is"
+                    " sending is finished first)",
+                    name,
+                    extra={"sink": name},
                 )
-                await _pause(stop, delay)
-                delay = min(delay * 2, 30.0)
+        for name, (sink, cfg) in wanted.items():
+            if name in self._slots:
+                continue
+            if name in retired:
+                log.info("sink %r changed: delivering with its new definition", name)
+            else:
+                self.sink_changes += 1
+                log.info("delivering to sink %r (%s) from now on", name, cfg.kind)
+            self._start_slot(name, sink, cfg, after=retired.get(name))
+            self._slots[name].wake.set()
+        self.sinks = {n: (s.sink, s.cfg) for n, s in self._slots.items()}
+
+    # -- the control connection (a thread of its own) --------------------------------------
+
+    def _control(self, stop: threading.Event) -> None:
+        """Listens for wake-ups and sink changes, reads the sinks, looks at idle sinks'
+        work; reconnects when the connection is lost. What else ends it ends the engine."""
         delay = 0.5
-        while not stop.is_set():
+        while not (stop.is_set() or self._halt.is_set()):
             try:
-                await self._deliver_loop(name, sink, cfg, stop)
+                self._control_session(stop)
+                return
+            except _Halted:
                 return
             except (psycopg.OperationalError, ConnectionFailed) as e:
-                log.warning("delivery to %s lost the store (%s); retrying", name, _one_line(e))
-                await _pause(stop, delay)
+                log.warning(
+                    "delivery lost its control connection (%s); retrying in %.1fs",
+                    _one_line(e),
+                    delay,
+                )
+                if self._halt.wait(delay):
+                    return
                 delay = min(delay * 2, 30.0)
+            except BaseException as e:  # a bug: the engine ends with it
+                self._failure = e
+                return
 
-    async def _deliver_loop(
-        self, name: str, sink: Sink, cfg: StoredSink, stop: threading.Event
-    ) -> None:
-        # A sink that is strictly ordered by nature (the replica) is, whatever its
-        # configuration says: per-row claims would let a key move or a truncate
-        # overtake the rows around it, and the copy would diverge.
-        strict = cfg.strictly_ordered or sink.strictly_ordered
-        lanes: list[_Lane] = []
+    def _control_session(self, stop: threading.Event) -> None:
+        schema = self.settings.schema
+        deliveries_ch, sinks_ch = deliveries_channel(schema), sinks_channel(schema)
+        with connect(self.settings, autocommit=True, application_name="pgherald-delivery") as conn:
+            for channel in (deliveries_ch, sinks_ch):
+                conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(channel)))
+            # Listening now: a change committed from here on is heard, and one committed
+            # before is in what is read next (so is work routed before).
+            self._last_read = None
+            self._reread(conn)
+            self._look(conn)
+            self.connected.set()
+            now = time.monotonic()
+            next_read, next_look = now + self.refresh, now + self.sweep
+            while not (stop.is_set() or self._halt.is_set()):
+                changed = False
+                wait = max(0.0, min(0.2, next_read - now, next_look - now))
+                for n in conn.notifies(timeout=wait):
+                    if n.channel == sinks_ch:
+                        changed = True
+                        break  # read them now; what else came is kept for the next look
+                    self._call_soon(self._wake, woken_sinks(n.payload))
+                now = time.monotonic()
+                if changed or now >= next_read:
+                    self._reread(conn)
+                    next_read = now + self.refresh
+                if now >= next_look:
+                    self._look(conn)
+                    next_look = time.monotonic() + self.sweep
+                now = time.monotonic()
+
+    def _call_soon(self, callback: Callable[..., Any], *args: Any) -> None:
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
+                loop.call_soon_threadsafe(callback, *args)
+
+    def _reread(self, conn: psycopg.Connection[Any]) -> None:
+        """Reads the sinks; when they changed, has them built and serves them."""
+        if self.catalog is None:
+            return
+        stored = deliveries.list_sinks(conn, self.settings.schema)
+        if stored == self._last_read:
+            return
+        wanted = self.catalog(stored)
+        self._in_loop(self._apply(dict(wanted)))
+        self._last_read = stored
+
+    def _in_loop(self, work: Coroutine[Any, Any, None]) -> None:
+        """Runs a coroutine in the engine's loop and waits for it (unless the engine ends)."""
+        loop = self._loop
+        if loop is None or loop.is_closed() or self._halt.is_set():
+            work.close()
+            raise _Halted
         try:
-            for _ in range(1 if strict else 2):
+            future = asyncio.run_coroutine_threadsafe(work, loop)
+        except RuntimeError:  # the loop closed meanwhile
+            work.close()
+            raise _Halted from None
+        while True:
+            try:
+                future.result(timeout=0.2)
+                return
+            except concurrent.futures.TimeoutError:
+                if self._halt.is_set():
+                    future.cancel()
+                    raise _Halted from None
+
+    def _look(self, conn: psycopg.Connection[Any]) -> None:
+        """Wakes the idle sinks that a claim would find work for (the safety net of the
+        router's NOTIFY, and how work that nobody announced is found: claims released by
+        a worker that died, deliveries put back by hand)."""
+        slots = list(self._slots.values())
+        idle = {s.name: s.strict for s in slots if not s.active and not s.wake.is_set()}
+        due = deliveries.due_sinks(conn, self.settings.schema, idle)
+        if due:
+            self._call_soon(self._wake, frozenset(due))
+
+    # -- one sink --------------------------------------------------------------------------
+
+    async def _serve(self, slot: _Slot, after: asyncio.Task[None] | None) -> None:
+        if after is not None:
+            await asyncio.wait([after])  # its previous definition finishes its batch first
+        name, sink = slot.name, slot.sink
+        logs.bind(sink=name)  # this task's log records say which sink they are about
+        try:
+            delay = 0.5
+            while not slot.stop.is_set():
+                try:
+                    await sink.start()
+                    break
+                except Exception as e:  # a broker that is down: keep trying
+                    log.warning(
+                        "sink %s cannot start (%s); retrying in %.1fs", name, _one_line(e), delay
+                    )
+                    await _pause(slot.stop, delay)
+                    delay = min(delay * 2, 30.0)
+            delay = 0.5
+            while not slot.stop.is_set():
+                await self._until_work(slot)
+                if slot.stop.is_set():
+                    break
+                try:
+                    await self._deliver_loop(slot)
+                    delay = 0.5
+                except (psycopg.OperationalError, ConnectionFailed) as e:
+                    log.warning("delivery to %s lost the store (%s); retrying", name, _one_line(e))
+                    await _pause(slot.stop, delay)
+                    delay = min(delay * 2, 30.0)
+                    slot.wake.set()  # it was at work: look again
+        finally:
+            try:
+                await sink.close()
+            except Exception as e:  # closing is best effort
+                log.warning("closing sink %s: %s", name, _one_line(e))
+
+    async def _until_work(self, slot: _Slot) -> None:
+        """Idle, without a connection: returns when the sink is woken (a wake-up, a look
+        that found work, ``stop``) or its next retry falls due."""
+        while not slot.wake.is_set():
+            left = None if slot.due is None else slot.due - time.monotonic()
+            if left is not None and left <= 0:
+                slot.due = None
+                return
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(slot.wake.wait(), left)
+
+    async def _idle(self, slot: _Slot) -> None:
+        """Waits for a wake-up (at once if one came since the last claim began), or
+        ``poll`` seconds for retries that fall due."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(slot.wake.wait(), self.poll)
+
+    async def _deliver_loop(self, slot: _Slot) -> None:
+        """The sink at work: opens its lanes, delivers until it was idle for ``idle_close``
+        seconds (or is stopped), notes when its next retry is due, closes them."""
+        name, strict = slot.name, slot.strict
+        slot.active = True
+        lanes: list[_Lane] = []
+        taken = 0
+        try:
+            await self._budget.take()
+            taken = 1
+            if not strict and self._budget.try_take():
+                taken = 2
+            for _ in range(taken):
                 conn = await asyncio.to_thread(
                     connect, self.settings, application_name=f"pgherald-deliver-{name}"[:63]
                 )
                 lanes.append(_Lane(conn, ChangeLog(conn, self.settings.schema)))
             first = lanes[0].conn
-            loader = await asyncio.to_thread(TypeRegistry.load, first)
-            await asyncio.to_thread(first.commit)
-            if strict:
-                # Another worker delivers to this strictly ordered sink: stand by.
-                while not stop.is_set() and not await asyncio.to_thread(self._lead, first, name):  # noqa: ASYNC110
-                    await asyncio.sleep(1.0)
-            await self._lanes(name, sink, cfg, strict, loader, lanes, stop)
+            loader = self._types
+            if loader is None:
+                loader = self._types = await asyncio.to_thread(TypeRegistry.load, first)
+                await asyncio.to_thread(first.commit)
+            if strict and not await self._leads(first, slot):
+                return  # another worker delivers to this strictly ordered sink: stand by
+            await self._lanes(slot, strict, loader, lanes)
+            if not slot.stop.is_set():
+                due = await asyncio.to_thread(self._next_due, first, name)
+                slot.due = None if due is None else time.monotonic() + due
         finally:
+            slot.active = False
             for lane in lanes:
                 await asyncio.to_thread(lane.conn.close)
+            for _ in range(taken):
+                self._budget.give()
+
+    async def _leads(self, conn: psycopg.Connection[Any], slot: _Slot) -> bool:
+        """Whether this worker leads the strictly ordered sink (tried every second for up
+        to ``idle_close`` seconds)."""
+        deadline = time.monotonic() + self.idle_close
+        while not slot.stop.is_set():
+            if await asyncio.to_thread(self._lead, conn, slot.name):
+                return True
+            if time.monotonic() >= deadline:
+                return False
+            await _pause(slot.stop, 1.0)
+        return False
+
+    def _next_due(self, conn: psycopg.Connection[Any], name: str) -> float | None:
+        due = deliveries.next_due(conn, self.settings.schema, name)
+        conn.rollback()
+        return due
 
     async def _lanes(
         self,
-        name: str,
-        sink: Sink,
-        cfg: StoredSink,
+        slot: _Slot,
         strict: bool,
         loader: TypeRegistry,
         lanes: list[_Lane],
-        stop: threading.Event,
     ) -> None:
-        """Claims, sends and records until ``stop``; with two lanes, a lane records its
-        last batch and claims its next one while the other lane's batch is sent."""
-        wake = self._wakes[name]
+        """Claims, sends and records until the sink is stopped or was idle ``idle_close``
+        seconds; with two lanes, a lane records its last batch and claims its next one
+        while the other lane's batch is sent."""
+        name, sink, cfg, stop, wake = slot.name, slot.sink, slot.cfg, slot.stop, slot.wake
 
         async def claim(lane: _Lane, after: asyncio.Task[None] | None = None) -> _Batch:
             if after is not None:
@@ -292,6 +630,7 @@ class DeliveryEngine:
             metrics.delivery_outcomes(name, *counts, _latencies(batch, outcomes, sent))
 
         current = 0
+        idle_since: float | None = None
         recording: asyncio.Task[None] | None = None  # the other lane's last batch
         claiming: asyncio.Task[_Batch] | None = asyncio.create_task(claim(lanes[current]))
         try:
@@ -300,10 +639,18 @@ class DeliveryEngine:
                 batch = await claiming
                 claiming = None
                 if not batch.ids:
-                    await self._idle(name)
+                    now = time.monotonic()
+                    if idle_since is None:
+                        idle_since = now
+                    if not wake.is_set() and (
+                        now - idle_since >= self.idle_close or self._budget.wanted
+                    ):
+                        break  # idle: the connections go, until there is work again
+                    await self._idle(slot)
                     claiming = asyncio.create_task(claim(lanes[current], recording))
                     recording = None
                     continue
+                idle_since = None
                 sending = asyncio.create_task(self._send(sink, cfg, batch))
                 other = (current + 1) % len(lanes)
                 # Two lanes: the next batch is claimed meanwhile, when there is more to

@@ -5,7 +5,7 @@ applies each subscription's filter in Python (the condition language is evaluate
 never spliced into SQL), and inserts the batch's deliveries and its own checkpoint in one
 transaction: a crash re-routes the batch, and ``ON CONFLICT`` makes that harmless. One
 router per store at a time (an advisory lock); it wakes on the log's NOTIFY and tells the
-delivery workers with one of its own.
+delivery workers with one of its own, naming the sinks that got deliveries.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from pgherald.events.model import Operation
 from pgherald.routing.subscriptions import Subscription, order_key
 from pgherald.store import checkpoints, deliveries
 from pgherald.store.changelog import ChangeLog, changes_channel
-from pgherald.store.deliveries import RoutingRow, deliveries_channel
+from pgherald.store.deliveries import RoutingRow
 
 log = logging.getLogger("pgherald.router")
 
@@ -116,10 +116,9 @@ class Router:
                             rows.append((log_id, sub.sink, key))
                 deliveries.insert_deliveries(conn, schema, rows)
                 checkpoints.save_checkpoint(conn, schema, CHECKPOINT, str(batch[-1][0]))
-                if rows:
-                    conn.execute(
-                        "SELECT pg_notify(%s, %s)", (deliveries_channel(schema), str(len(rows)))
-                    )
+                # Wakes the workers of the sinks that got deliveries (by name: an idle
+                # sink's worker holds no connection, and the others need not wake).
+                deliveries.notify_deliveries(conn, schema, {sink for _, sink, _ in rows})
                 conn.commit()
         except BaseException:
             self._position = None  # rolled back: read it again

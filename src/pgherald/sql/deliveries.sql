@@ -5,6 +5,7 @@
 INSERT INTO sinks (name, kind, format, config)
 VALUES (%(name)s, %(kind)s, 'pgherald', %(config)s)
 ON CONFLICT (name) DO NOTHING
+RETURNING name
 
 -- name: record_outcome
 -- One delivery of one event to one sink, as it ended; a later outcome replaces it.
@@ -123,6 +124,37 @@ ORDER BY d.id
 LIMIT %(limit)s
 FOR UPDATE OF d
 
+-- name: due_sinks
+-- Which of these sinks a claim would find work for now (the claims' own conditions, for
+-- one delivery): the delivery engine's look at its idle sinks, which hold no connection
+-- and otherwise wake on the router's NOTIFY. A sink without open deliveries costs one
+-- probe of deliveries_claim_idx.
+SELECT s.name
+FROM unnest(%(sinks)s::text[], %(strict)s::boolean[]) AS s(name, strict)
+WHERE CASE WHEN s.strict THEN
+        (SELECT h.next_attempt_at <= now() FROM deliveries h
+         WHERE h.sink = s.name AND h.status IN ('pending', 'failed')
+         ORDER BY h.id LIMIT 1)
+      ELSE EXISTS (
+        SELECT 1 FROM deliveries d
+        WHERE d.sink = s.name
+          AND d.status IN ('pending', 'failed')
+          AND d.next_attempt_at <= now()
+          AND (SELECT o.id FROM deliveries o
+               WHERE o.sink = d.sink AND o.order_key = d.order_key AND o.id < d.id
+                 AND o.status IN ('pending', 'failed', 'delivering')
+               LIMIT 1) IS NULL)
+      END
+
+-- name: next_due
+-- Seconds until the sink's next open delivery that is not due yet falls due (NULL: none):
+-- when a sink that goes idle should look again by itself.
+SELECT extract(epoch FROM min(next_attempt_at) - now())::float8
+FROM deliveries
+WHERE sink = %(sink)s
+  AND status IN ('pending', 'failed')
+  AND next_attempt_at > now()
+
 -- name: record_deliveries
 -- The outcomes of a batch: status, attempts, next attempt, error; and one attempt row each.
 WITH outcome AS (
@@ -159,7 +191,7 @@ SET status = 'pending', next_attempt_at = now(), attempts = 0
 WHERE status IN ('dead', 'failed')
   AND (%(ids)s::bigint[] IS NULL OR id = ANY(%(ids)s))
   AND (%(sink)s::text IS NULL OR sink = %(sink)s)
-RETURNING id
+RETURNING id, sink
 
 -- name: discard_deliveries
 UPDATE deliveries

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Literal, LiteralString
+from typing import Any, Final, Literal, LiteralString
 
 import psycopg
 from psycopg.types.json import Jsonb
@@ -37,10 +37,12 @@ def ensure_sink(
 ) -> None:
     """Registers a sink by name unless it exists (its settings are then left alone)."""
     with in_schema(conn, schema):
-        conn.execute(
+        added = conn.execute(
             named_query("deliveries.sql", "ensure_sink"),
             {"name": name, "kind": kind, "config": Jsonb(config)},
-        )
+        ).fetchone()
+        if added is not None:
+            notify_sinks_changed(conn, schema, name)
 
 
 def record_outcome(
@@ -102,12 +104,62 @@ class StoredSubscription:
     """The log id when it was made: it gets the events after it."""
 
 
-def deliveries_channel(schema: str) -> str:
-    """The NOTIFY channel on which the router announces new deliveries to the workers."""
-    channel = f"{schema}_deliveries"
+def _channel(schema: str, what: str) -> str:
+    channel = f"{schema}_{what}"
     if len(channel.encode("utf-8")) < 64:
         return channel
-    return "pgherald_deliveries_" + hashlib.sha256(schema.encode("utf-8")).hexdigest()[:16]
+    return f"pgherald_{what}_" + hashlib.sha256(schema.encode("utf-8")).hexdigest()[:16]
+
+
+def deliveries_channel(schema: str) -> str:
+    """The NOTIFY channel on which the router announces new deliveries to the workers."""
+    return _channel(schema, "deliveries")
+
+
+def sinks_channel(schema: str) -> str:
+    """The NOTIFY channel on which the store functions that change sinks say so, in their
+    transaction: running delivery engines read the sinks again (``DeliveryEngine``)."""
+    return _channel(schema, "sinks")
+
+
+_PAYLOAD_LIMIT: Final = 7000
+"""Bytes of a NOTIFY payload we fill at most (PostgreSQL takes up to 7999)."""
+ALL_SINKS: Final = "*"
+
+
+def wake_payload(sinks: Iterable[str]) -> str:
+    """The payload of a wake-up on ``deliveries_channel``: the sinks that have new work, as
+    a JSON array, or ``*`` (every sink) when the list would not fit."""
+    text = json.dumps(sorted(set(sinks)), ensure_ascii=False)
+    return text if len(text.encode("utf-8")) <= _PAYLOAD_LIMIT else ALL_SINKS
+
+
+def woken_sinks(payload: str) -> frozenset[str] | None:
+    """The sinks a wake-up names; None for every sink (``*``, or a payload that is not a
+    list of names: an older router sent the number of deliveries)."""
+    if not payload.startswith("["):
+        return None
+    try:
+        names = json.loads(payload)
+    except ValueError:
+        return None
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        return None
+    return frozenset(names)
+
+
+def notify_deliveries(conn: psycopg.Connection[Any], schema: str, sinks: Iterable[str]) -> None:
+    """Wakes the delivery workers of ``sinks`` when the caller's transaction commits."""
+    names = set(sinks)
+    if names:
+        conn.execute("SELECT pg_notify(%s, %s)", (deliveries_channel(schema), wake_payload(names)))
+
+
+def notify_sinks_changed(conn: psycopg.Connection[Any], schema: str, name: str = "") -> None:
+    """Tells running delivery engines that sinks changed, when the caller's transaction
+    commits (the payload names the sink, for people watching; engines read them all)."""
+    payload = name if len(name.encode("utf-8")) <= _PAYLOAD_LIMIT else ""
+    conn.execute("SELECT pg_notify(%s, %s)", (sinks_channel(schema), payload))
 
 
 def _q(name: str) -> LiteralString:
@@ -128,6 +180,8 @@ def add_sink(conn: psycopg.Connection[Any], schema: str, sink: StoredSink) -> bo
                 "max_attempts": sink.max_attempts,
             },
         ).fetchone()
+        if row is not None:
+            notify_sinks_changed(conn, schema, sink.name)
     return row is not None
 
 
@@ -138,8 +192,14 @@ def list_sinks(conn: psycopg.Connection[Any], schema: str) -> list[StoredSink]:
 
 
 def remove_sink(conn: psycopg.Connection[Any], schema: str, name: str) -> bool:
+    """Removes a sink (its subscriptions and deliveries go with it); False when there is
+    none. A delivery engine sending a batch to it holds that batch's rows: this waits for
+    the batch to be recorded."""
     with in_schema(conn, schema):
-        return conn.execute(_q("remove_sink"), {"name": name}).fetchone() is not None
+        removed = conn.execute(_q("remove_sink"), {"name": name}).fetchone() is not None
+        if removed:
+            notify_sinks_changed(conn, schema, name)
+    return removed
 
 
 def update_sink(conn: psycopg.Connection[Any], schema: str, sink: StoredSink) -> bool:
@@ -157,6 +217,8 @@ def update_sink(conn: psycopg.Connection[Any], schema: str, sink: StoredSink) ->
                 "enabled": sink.enabled,
             },
         ).fetchone()
+        if row is not None:
+            notify_sinks_changed(conn, schema, sink.name)
     return row is not None
 
 
@@ -267,6 +329,25 @@ def claim(
     return [Claimed(int(r[0]), int(r[1]), tuple(r[2:])) for r in rows]
 
 
+def due_sinks(conn: psycopg.Connection[Any], schema: str, sinks: Mapping[str, bool]) -> set[str]:
+    """Which of ``sinks`` (name -> strictly ordered) have a delivery a claim would take now."""
+    if not sinks:
+        return set()
+    names = list(sinks)
+    with in_schema(conn, schema):
+        rows = conn.execute(
+            _q("due_sinks"), {"sinks": names, "strict": [sinks[n] for n in names]}
+        ).fetchall()
+    return {str(r[0]) for r in rows}
+
+
+def next_due(conn: psycopg.Connection[Any], schema: str, sink: str) -> float | None:
+    """Seconds until the sink's next delivery that waits for its time (a retry) is due."""
+    with in_schema(conn, schema):
+        row = conn.execute(_q("next_due"), {"sink": sink}).fetchone()
+    return float(row[0]) if row is not None and row[0] is not None else None
+
+
 def record(
     conn: psycopg.Connection[Any],
     schema: str,
@@ -321,6 +402,7 @@ def retry(
         rows = conn.execute(
             _q("retry_deliveries"), {"ids": list(ids) if ids else None, "sink": sink}
         ).fetchall()
+        notify_deliveries(conn, schema, {str(r[1]) for r in rows})
     return [int(r[0]) for r in rows]
 
 

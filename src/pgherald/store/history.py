@@ -16,6 +16,7 @@ from psycopg.types.json import Jsonb
 from pgherald.db.sqlfiles import named_query
 from pgherald.events.model import TypedLoader
 from pgherald.store.changelog import ChangeLog, StoredEvent
+from pgherald.store.deliveries import notify_sinks_changed
 from pgherald.store.runs import Run
 from pgherald.store.session import in_schema
 
@@ -120,6 +121,8 @@ def set_feed_token(
         row = conn.execute(
             _q("set_feed_token"), {"name": sink, "token": token, "replace": replace}
         ).fetchone()
+        if row is not None:
+            notify_sinks_changed(conn, schema, sink)
     return row is not None
 
 

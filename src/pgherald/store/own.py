@@ -17,7 +17,7 @@ import psycopg
 from psycopg.types.json import Jsonb
 
 from pgherald.db.sqlfiles import named_query
-from pgherald.store.deliveries import DeliveryRow
+from pgherald.store.deliveries import DeliveryRow, notify_sinks_changed
 from pgherald.store.session import in_schema
 
 NEWEST: Final = 2**63 - 1
@@ -69,7 +69,10 @@ def add_sink(
     """Stores a sink of ``owner``; False when a sink of that name exists."""
     params = {"name": name, "kind": kind, "config": Jsonb(dict(options)), "owner": owner}
     with in_schema(conn, schema):
-        return conn.execute(_q("add_own_sink"), params).fetchone() is not None
+        added = conn.execute(_q("add_own_sink"), params).fetchone() is not None
+        if added:
+            notify_sinks_changed(conn, schema, name)  # running delivery serves it at once
+    return added
 
 
 def subscriptions(conn: psycopg.Connection[Any], schema: str, owner: str) -> list[OwnSubscription]:

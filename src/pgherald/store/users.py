@@ -17,6 +17,7 @@ from psycopg import errors as pg_errors
 
 from pgherald.db.sqlfiles import named_query
 from pgherald.errors import ConfigError
+from pgherald.store.deliveries import notify_sinks_changed
 from pgherald.store.session import in_schema
 
 Role = Literal["admin", "editor", "viewer"]
@@ -79,7 +80,10 @@ def remove_user(conn: psycopg.Connection[Any], schema: str, name: str) -> bool:
     """Removes a user (never the last admin); False when there is no such user."""
     with in_schema(conn, schema):
         _keep_an_admin(conn, name)
-        return conn.execute(_q("remove_user"), {"name": name}).fetchone() is not None
+        removed = conn.execute(_q("remove_user"), {"name": name}).fetchone() is not None
+        if removed:
+            notify_sinks_changed(conn, schema)  # their own sinks went with them
+    return removed
 
 
 def set_role(conn: psycopg.Connection[Any], schema: str, name: str, role: Role) -> bool:
@@ -162,7 +166,9 @@ def set_email(conn: psycopg.Connection[Any], schema: str, name: str, email: str 
     with in_schema(conn, schema):
         done = conn.execute(_q("set_email"), {"name": name, "email": email}).fetchone()
         if done is not None and email is not None:
-            conn.execute(_q("set_own_email_recipients"), {"owner": name, "email": email})
+            changed = conn.execute(_q("set_own_email_recipients"), {"owner": name, "email": email})
+            if changed.rowcount:
+                notify_sinks_changed(conn, schema)  # their e-mail sinks mail the new address
     return done is not None
 
 
