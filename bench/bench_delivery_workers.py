@@ -12,9 +12,11 @@ sink (a durable fanout exchange of the run's own, persistent mandatory messages,
 publisher confirms; the bench's queue bound to it). They are made not due yet (their
 ``next_attempt_at`` an hour ahead), so that the workers can start and connect first.
 
-**The measurement.** K ``pgherald deliver --sink rabbit`` processes start; once all of
-them have their delivery connections open, the backlog is made due (one UPDATE and the
-router's NOTIFY) and the clock starts. events/s = N / seconds until ``deliveries`` says
+**The measurement.** K ``pgherald deliver --sink rabbit`` processes start; once every
+one listens for work (its engine's control connection is open), the backlog is made due
+(one UPDATE and the router's NOTIFY) and the clock starts; each worker then opens its
+sink's connections (to the database and to RabbitMQ), as it would for the first work
+after an idle spell. events/s = N / seconds until ``deliveries`` says
 N were delivered (each confirmed by the broker) and the bench's queue holds N messages
 (read with a passive declare, which costs nothing per message). Also printed: each
 worker's CPU time (how the work was shared; ``psutil``), the workers' CPU per event, and
@@ -102,7 +104,8 @@ def backlog(cluster: EmbeddedCluster, name: str, rows: int, url: str, exchange: 
 
 
 def workers_connected(db: c.BenchDB, procs: list[subprocess.Popen[bytes]]) -> None:
-    """Waits until every worker has its delivery connections open (two lanes each)."""
+    """Waits until every worker's delivery engine listens for work (its control connection
+    is open; a sink's own connections open when it has work)."""
     deadline = time.monotonic() + 60
     with db.connect() as conn:
         while True:
@@ -111,9 +114,9 @@ def workers_connected(db: c.BenchDB, procs: list[subprocess.Popen[bytes]]) -> No
                     raise RuntimeError(f"a worker ended with {p.returncode}")
             row = conn.execute(
                 "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s",
-                (f"pgherald-deliver-{SINK}",),
+                ("pgherald-delivery",),
             ).fetchone()
-            if row and row[0] >= 2 * len(procs):
+            if row and row[0] >= len(procs):
                 return
             if time.monotonic() > deadline:
                 raise TimeoutError(f"{row[0] if row else 0} delivery connections of {len(procs)}")
