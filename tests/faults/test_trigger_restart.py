@@ -72,6 +72,10 @@ TOTAL_CHANGES = 16_000
 WRITERS = 3
 WORKLOAD_SECONDS = 14.0
 LOST_CONNECTION = "trigger capture lost its connection"
+LOST_LEAD = "lost the lead of trigger capture"
+"""What the leadership says when its lock connection fails first: it ends the capture's
+term, so a capture that was between two drains stops without a connection error of its
+own, and takes the next term once the server is back."""
 
 
 def connect_when_up(dsn: str, timeout: float = 60.0) -> psycopg.Connection[Any]:
@@ -294,7 +298,7 @@ def test_postgresql_restarts_under_trigger_capture_lose_and_duplicate_nothing(
         assert proc.alive() and proc.starts == 1
         assert proc.stop() == 0, proc.log()[-3000:]
         said = proc.log()
-        assert said.count(LOST_CONNECTION) >= restarts, said[-3000:]
+        assert said.count(LOST_CONNECTION) + said.count(LOST_LEAD) >= restarts, said[-3000:]
         events = assert_log_is_the_truth(settings, journal, rng, lambda: said)
     finally:
         pace.kills_done.set()

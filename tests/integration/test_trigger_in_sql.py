@@ -206,3 +206,21 @@ def test_a_batch_python_must_make_is_made_in_python(db: Database, settings: Sett
         ("insert", {"id": "2", "v": "b", "w": "5"}),
         ("insert", {"id": "3", "v": "c", "w": "5"}),
     ]
+
+
+def test_a_replayed_queue_row_is_stored_once(db: Database, settings: Settings) -> None:
+    """Queue rows that were moved already (the queue restored from a backup, say) have event
+    ids the log has: the server's INSERT fails on them, and the Python path skips them."""
+    with db.connect() as conn:
+        conn.execute(b"INSERT INTO narrow VALUES (1, 'a', 'b'), (2, 'c', 'd')")
+        conn.execute(b"CREATE TABLE saved_queue AS SELECT * FROM pgherald.trigger_queue")
+    first = drained(settings, in_sql=True)
+    assert first.moved == first.moved_in_sql == 2
+    before, _, _ = log_rows(settings)
+    with db.connect() as conn:
+        conn.execute(b"INSERT INTO pgherald.trigger_queue SELECT * FROM saved_queue")
+        conn.execute(b"INSERT INTO narrow VALUES (3, 'e', 'f')")  # one new row among them
+    again = drained(settings, in_sql=True)
+    assert again.moved == 3 and again.moved_in_sql == 0
+    after, _, _ = log_rows(settings)
+    assert after[:2] == before and len(after) == 3 and after[2][10] == ["3", "e"]

@@ -547,6 +547,12 @@ class TriggerSource:
         try:
             try:
                 return self._drain(sink)
+            except psycopg.errors.UniqueViolation:
+                # An event id the log has already (a queue row replayed, say from a backup):
+                # the server's INSERT has no ON CONFLICT; the Python path's append skips it.
+                sink.rollback()
+                self.assembler.restore(saved)
+                return self._drain(sink, in_sql=False)
             except _TABLE_CHANGED:
                 # A table changed under us (a column dropped or retyped): learn its columns
                 # again and retry once; a second failure is an error worth reporting.
@@ -561,7 +567,7 @@ class TriggerSource:
             self.assembler.restore(saved)
             raise
 
-    def _drain(self, sink: QueueSink) -> int:
+    def _drain(self, sink: QueueSink, in_sql: bool = True) -> int:
         conn = sink.connection()
         with conn.pipeline():
             claim = conn.execute(self._claim_sql(conn), self._claim_params())
@@ -585,7 +591,8 @@ class TriggerSource:
             self._refresh(conn)
         captured_at = datetime.now(UTC)
         if (
-            self.in_sql
+            in_sql
+            and self.in_sql
             and not stale
             and all(bool(t[3]) for t in taken)
             and all(self._same_shape(w) for w in with_rows)

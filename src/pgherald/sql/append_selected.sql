@@ -7,14 +7,15 @@
 -- again by psycopg at every execution).
 
 -- name: insert_selected
--- As the change log's staged append does (upsert_shapes, then insert_events, then
--- notify_appended), in one statement: the batch's shapes stored if new (appenders hold the
--- append lock, so none is being inserted by anyone else, and the statement's snapshot
--- has every committed one), ids in the rows' order, a replayed event_id skipped with its
--- field rows, one field row per changed column of an update (its text in the old row and
--- in the new one), the watches' activity as record_watch_activity notes it, and the
--- wake-up for tailing readers (the highest id appended). Returns the events stored per
--- watch and method.
+-- As the change log's appends do (upsert_shapes, then the events, then notify_appended),
+-- in one statement: the batch's shapes stored if new (appenders hold the append lock, so
+-- none is being inserted by anyone else, and the statement's snapshot has every committed
+-- one), ids in the rows' order, one field row per changed column of an update (its text
+-- in the old row and in the new one), the watches' activity as record_watch_activity
+-- notes it, and the wake-up for tailing readers (the highest id appended). Like the
+-- direct COPY path it has no ON CONFLICT (which costs every row a speculative insertion):
+-- an event_id already in the log fails it on the unique index, and the caller takes the
+-- idempotent path instead. Returns the events stored per watch and method.
 WITH wanted AS (
     SELECT l.label, l.digest, l.columns
     FROM unnest({labels}::text[], {digests}::text[], {columns}::jsonb[])
@@ -50,7 +51,6 @@ inserted AS (
     FROM ({rows}) AS r
     LEFT JOIN shape_ids si ON si.label = r.shape
     ORDER BY r.ord
-    ON CONFLICT (event_id) DO NOTHING
     RETURNING id, watch, method, op, shape_id, old_values, new_values, changed
 ),
 fields AS (

@@ -104,8 +104,12 @@ def append_selected(
     commit: bool = False,
 ) -> Counter[tuple[str, str]]:
     """Inserts the events that the SELECT ``rows`` makes into the log, in the connection's
-    transaction; returns how many were stored per (watch, method) (an ``event_id`` already
-    in the log is skipped, as a replay).
+    transaction; returns how many were stored per (watch, method).
+
+    An ``event_id`` that is in the log already (a replay) fails the statement with
+    ``psycopg.errors.UniqueViolation``, as the direct COPY path of ``ChangeLog.append``
+    does and for the same reason (no speculative insertion per row): the caller rolls
+    back and appends those events through ``ChangeLog.append``, which skips them.
 
     ``rows`` is best an ``sql.SQL`` of text rendered once (``Composable.as_string``): the
     whole statement is then rendered once per distinct SELECT and shapes. Its parameters
