@@ -118,6 +118,7 @@ def sink_list(ctx: click.Context, fmt: str) -> None:
         click.echo(
             f"{present.clean(s.name, 40)}  {s.kind}  {s.format}"
             + ("  strictly ordered" if s.strictly_ordered else "")
+            + ("" if s.enabled else "  DISABLED")
             + f"  watches: {', '.join(present.clean(w, 40) for w in watched) or 'none'}"
         )
 

@@ -287,9 +287,13 @@ def test_sinks_made_in_another_shell_are_served_while_it_runs(db: Database) -> N
 
         receiver.answer = lambda key, body: Answer(status=503)
         db.execute("INSERT INTO t VALUES (2)")
-        wait_for(lambda: receiver.requests >= 3, "row 2 tried and retried")
+        wait_for(lambda: receiver.requests >= 3, "row 2 tried and retried")  # backoff: 0.5 s, 1 s
         mark = len(daemon.log())
         assert cli("sink", "disable", "hook", dsn=db.dsn).stdout == "disabled sink 'hook'\n"
+        assert (
+            "hook  webhook  pgherald  DISABLED  watches: t"
+            in cli("sink", "list", dsn=db.dsn).stdout
+        )
         daemon.wait_log("sink 'hook' was disabled or removed", mark)
         wait_for(lambda: connections(db, "pgherald-deliver-hook") == 0, "its lanes closed")
         receiver.answer = lambda key, body: Answer()
@@ -299,7 +303,8 @@ def test_sinks_made_in_another_shell_are_served_while_it_runs(db: Database) -> N
         assert d.delivery_statuses(settings, "hook") == {"delivered": 1, "failed": 1}
 
         assert cli("sink", "enable", "hook", dsn=db.dsn).stdout == "enabled sink 'hook'\n"
-        wait_for(lambda: len(receiver.keys()) == 2, "row 2 after enabling", timeout=15)
+        # at its next attempt's time (a few seconds of backoff at most by now)
+        wait_for(lambda: len(receiver.keys()) == 2, "row 2 after enabling", timeout=40)
         assert cli("sink", "enable", "hook", dsn=db.dsn).stdout == (
             "sink 'hook' was enabled already\n"
         )

@@ -177,20 +177,28 @@ class _Budget:
             return True
         return False
 
-    async def take(self) -> None:
+    async def take(self, stop: threading.Event) -> bool:
+        """Waits for a connection's worth; False (nothing taken) when ``stop`` is set first."""
         if self.try_take():
-            return
+            return True
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiters.append(waiter)
+        got = False
         try:
-            await waiter
-        except asyncio.CancelledError:
-            if waiter.done() and not waiter.cancelled():
-                self.give()  # it was handed over as we were cancelled: pass it on
-            else:
-                with contextlib.suppress(ValueError):
-                    self._waiters.remove(waiter)
-            raise
+            while not stop.is_set():
+                await asyncio.wait([waiter], timeout=0.2)
+                if waiter.done():
+                    got = True
+                    return True
+            return False
+        finally:
+            if not got:
+                if waiter.done() and not waiter.cancelled():
+                    self.give()  # handed over as we gave up: pass it on
+                else:
+                    waiter.cancel()
+                    with contextlib.suppress(ValueError):
+                        self._waiters.remove(waiter)
 
     def give(self) -> None:
         while self._waiters:
@@ -561,7 +569,8 @@ class DeliveryEngine:
         lanes: list[_Lane] = []
         taken = 0
         try:
-            await self._budget.take()
+            if not await self._budget.take(slot.stop):
+                return
             taken = 1
             if not strict and self._budget.try_take():
                 taken = 2
