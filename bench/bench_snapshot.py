@@ -12,8 +12,8 @@ two things are timed, in an order that alternates between repetitions:
 - ``pgherald``: ``snapshots.run_watch``, exactly what ``pgherald snapshot run`` does:
   connect, lock, record the run's start, compare the table with the baseline in the
   database (one FULL JOIN into a temporary table of differences, after a pass that checks
-  the key), bring the baseline up to date, read the differences and append them to the
-  change log as events with their changed fields, record the run, commit;
+  the key), bring the baseline up to date, make the differences events with their
+  changed fields in the change log, record the run, commit;
 - ``floor``: the hand-written comparison of the two tables, ``floor_base FULL OUTER JOIN
   snap_rows ON id WHERE either side is missing OR (columns) IS DISTINCT FROM
   (columns)``, its differing rows fetched by a client: the least a comparison can do,
@@ -21,9 +21,10 @@ two things are timed, in an order that alternates between repetitions:
   printed for information.
 
 Printed: per repetition and as medians, the seconds of each and the ratio pgherald ÷
-floor (target <= 2.0), and the growth of this Python process's resident memory during
-pgherald's run (peak sampled every 5 ms, minus the size before): it must stay flat, as
-only the differences (in batches) come into Python, never the table. ``--profile``
+floor (target <= 2.0), the CPU seconds of each and their ratio, the WAL that pgherald's
+run wrote, and the growth of this Python process's resident memory during pgherald's run
+(peak sampled every 5 ms, minus the size before): it must stay flat, as at most the
+differences (in batches) come into Python, never the table. ``--profile``
 adds, from one more repetition, the seconds of each of pgherald's statements (client
 side: time until each returned) and EXPLAIN ANALYZE of the costly ones.
 
@@ -139,7 +140,7 @@ def prepare(cluster: EmbeddedCluster, name: str, rows: int) -> Prepared:
 
 
 class CpuMeter:
-    """CPU seconds (user + system) spent by the cluster's processes and by this one.
+    """CPU seconds (user + system) spent by the cluster's processes and by this thread.
 
     The server's share is the postmaster's own time, its live children's, and that of the
     children it already reaped (a backend that disconnected, a parallel worker), which
@@ -149,7 +150,6 @@ class CpuMeter:
     def __init__(self, cluster: EmbeddedCluster) -> None:
         pid = int((cluster.datadir / "postmaster.pid").read_text().split()[0])
         self.postmaster = psutil.Process(pid)
-        self.me = psutil.Process()
 
     def server(self) -> float:
         t = self.postmaster.cpu_times()
@@ -163,8 +163,9 @@ class CpuMeter:
         return float(total)
 
     def client(self) -> float:
-        t = self.me.cpu_times()
-        return float(t.user + t.system)
+        """This thread's: the run's, without the RSS sampler's thread (5 ms apart, it costs
+        about 1% of a core, more the longer a loaded machine makes the run)."""
+        return time.thread_time()
 
     @contextmanager
     def measuring(self) -> Iterator[dict[str, float]]:
@@ -216,6 +217,8 @@ class Timed:
     """CPU seconds of this Python process meanwhile (pgherald's Python, or the floor's client)."""
     memory_mb: float = 0.0
     """Growth of this process's resident size during the run (peak minus before)."""
+    wal_mb: float = 0.0
+    """WAL written by the cluster meanwhile."""
     steps: dict[str, float] = field(default_factory=dict)
 
     @property
@@ -226,16 +229,35 @@ class Timed:
 def run_pgherald(db: Prepared, rows: int, meter: CpuMeter) -> Timed:
     """One full run, as ``pgherald snapshot run`` does it, timed step by step."""
     memory = PeakRss()
+    wal_before = wal_lsn(db)
     with meter.measuring() as cpu, memory.watching(), timer() as timings:
         started = time.perf_counter()
         result = snapshots.run_watch(db.settings, WATCH)
         seconds = time.perf_counter() - started
+    wal_mb = wal_since(db, wal_before)
     expected = (rows // 200, rows // 100, rows // 200)
     got = (result.inserts, result.updates, result.deletes)
     if result.status != "ok" or got != expected:
         raise SystemExit(f"pgherald's run is wrong: {result.describe()}, expected {expected}")
     steps = steps_of(timings, seconds)
-    return Timed(seconds, cpu["server"], cpu["client"], memory.growth_mb, steps)
+    return Timed(seconds, cpu["server"], cpu["client"], memory.growth_mb, wal_mb, steps)
+
+
+def wal_lsn(db: Prepared) -> str:
+    with db.connect() as conn:
+        row = conn.execute("SELECT pg_current_wal_insert_lsn()::text").fetchone()
+    assert row is not None
+    return str(row[0])
+
+
+def wal_since(db: Prepared, lsn: str) -> float:
+    """MB of WAL inserted since ``lsn`` (by anything: nothing else writes meanwhile)."""
+    with db.connect() as conn:
+        row = conn.execute(
+            "SELECT pg_wal_lsn_diff(pg_current_wal_insert_lsn(), %s::pg_lsn)", (lsn,)
+        ).fetchone()
+    assert row is not None
+    return float(row[0]) / 2**20
 
 
 def run_floor(db: Prepared, rows: int, meter: CpuMeter) -> Timed:
@@ -299,6 +321,7 @@ def timer() -> Iterator[list[tuple[str, float]]]:
     wrap(psycopg.ServerCursor, "fetchmany", _label)
     wrap(psycopg.Connection, "commit", lambda _c, _a: "COMMIT")
     wrap(ChangeLog, "append", lambda _c, events: f"ChangeLog.append({len(events)} events)")
+    wrap(snapshots, "append_selected", lambda _log, _rows: "append_selected (events)")
     try:
         yield timings
     finally:
@@ -310,8 +333,8 @@ STEPS = (
     ("key check / row count", ("-- One pass", "SELECT count(*) FROM")),
     ("FULL JOIN into the difference table", ("CREATE TEMP TABLE pgherald_diff",)),
     ("baseline: delete + insert", ('DELETE FROM "pgherald"', 'INSERT INTO "pgherald"')),
-    ("reading the differences", ("fetchmany", "SELECT op, changed")),
-    ("appending events to the change log", ("ChangeLog.append",)),
+    ("reading the differences", ("fetchmany", "SELECT op, changed", "SELECT op, count(*)")),
+    ("appending events to the change log", ("ChangeLog.append", "append_selected")),
     ("COMMIT", ("COMMIT",)),
 )
 OTHER = "other statements (watch, lock, run record...)"
@@ -426,7 +449,8 @@ def main() -> None:
             cpu_ratios.append(run.cpu / ref.cpu)
             c.say(
                 f"rep {rep + 1}: pgherald {run.seconds:.3f} s (CPU: server {run.server_cpu:.2f} s,"
-                f" Python {run.client_cpu:.2f} s; RSS +{run.memory_mb:.1f} MB),"
+                f" Python {run.client_cpu:.2f} s; RSS +{run.memory_mb:.1f} MB;"
+                f" WAL {run.wal_mb:.0f} MB),"
                 f" floor {ref.seconds:.3f} s (CPU: server {ref.server_cpu:.2f} s, client"
                 f" {ref.client_cpu:.2f} s), floor (count) {count_s:.3f} s;"
                 f" ratio {ratios[-1]:.2f}, CPU ratio {cpu_ratios[-1]:.2f}"
@@ -456,7 +480,8 @@ def main() -> None:
             c.say(f"  CPU ratio pgherald / floor: {med(cpu_ratios):.2f}")
             c.say(
                 f"  pgherald's RSS growth: max {max(r.memory_mb for r in herald):.1f} MB;"
-                f" its Python CPU: {med([r.client_cpu for r in herald]):.2f} s"
+                f" its Python CPU: {med([r.client_cpu for r in herald]):.2f} s;"
+                f" WAL per run: {med([r.wal_mb for r in herald]):.0f} MB"
             )
             c.say("  pgherald's run, step by step (medians):")
             for name in herald[0].steps:

@@ -20,7 +20,7 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -33,12 +33,14 @@ from pgherald.db.connect import connect
 from pgherald.db.types import TypeRegistry
 from pgherald.errors import ConnectionFailed, PgHeraldError, WatchError
 from pgherald.events import ChangeEvent
+from pgherald.events.model import RowShape
 from pgherald.ops import metrics
 from pgherald.schedule import Schedule
 from pgherald.sources.snapshot import SnapshotComparer, SnapshotWatch
 from pgherald.store import checkpoints, errors, runs
 from pgherald.store import watches as registry
 from pgherald.store.changelog import ChangeLog
+from pgherald.store.selected import append_selected
 from pgherald.store.watches import Watch
 
 log = logging.getLogger("pgherald.snapshot")
@@ -205,6 +207,16 @@ def _locked_run(conn: psycopg.Connection[Any], settings: Settings, watch: Watch)
         def emit(events: Sequence[ChangeEvent]) -> None:
             changelog.append(events)
 
+        selected = 0  # events made in the server: append_selected notes their activity
+
+        def emit_selected(
+            rows: sql.Composable, params: Mapping[str, Any], shapes: Mapping[str, RowShape]
+        ) -> int:
+            nonlocal selected
+            stored = sum(append_selected(changelog, rows, params, shapes).values())
+            selected += stored
+            return stored
+
         record_name = baseline_checkpoint(watch.name)
         record = BaselineRecord.parse(checkpoints.load_checkpoint(conn, schema, record_name))
         outcome = SnapshotComparer(schema, type_names).run(
@@ -214,6 +226,7 @@ def _locked_run(conn: psycopg.Connection[Any], settings: Settings, watch: Watch)
             emit,
             datetime.now(UTC),
             baseline_rows=record.rows if record else None,
+            emit_selected=emit_selected,
         )
         checkpoints.save_checkpoint(
             conn, schema, record_name, BaselineRecord(run_id, outcome.rows_compared).position()
@@ -245,7 +258,9 @@ def _locked_run(conn: psycopg.Connection[Any], settings: Settings, watch: Watch)
             deletes=outcome.deletes,
             rows_compared=outcome.rows_compared,
         )
-        registry.record_watch_activity(conn, schema, watch.name, outcome.events, True, None)
+        registry.record_watch_activity(
+            conn, schema, watch.name, outcome.events - selected, True, None
+        )
         conn.commit()
         metrics.captured({(watch.name, "snapshot"): outcome.events})
     except (psycopg.Error, PgHeraldError) as e:

@@ -136,3 +136,22 @@ def test_an_empty_logged_baseline_without_a_record_is_not_lost(db: Database) -> 
     result = snapshots.run_watch(settings, WATCH)
     assert not result.baseline_lost and ops(settings, result.run_id) == [("insert", "7")]
     assert lost_errors(db) == []
+
+
+def test_rows_compared_follows_from_the_kept_count(db: Database) -> None:
+    """A run that keeps its baseline does not count the result: the last run's count plus
+    the inserts, minus the deletes; keyed or not, it must be the result's count."""
+    settings = setup(db, rows=5)
+    db.execute("CREATE TABLE m (v text)")
+    db.execute("INSERT INTO m VALUES ('a'), ('a'), ('b')")
+    admin.add_snapshot_watch(settings, "m", table="m")  # no key: a multiset
+    for round_ in range(3):
+        db.execute(
+            f"INSERT INTO t SELECT 100 * {round_} + i, 'n' FROM generate_series(10, 13) i;"
+            f" DELETE FROM t WHERE id = (SELECT min(id) FROM t);"
+            f" INSERT INTO m VALUES ('c{round_}'), ('a'); DELETE FROM m WHERE v = 'b'"
+        )
+        for name, table in ((WATCH, "t"), ("m", "m")):
+            result = snapshots.run_watch(settings, name)
+            ((rows,),) = db.execute(f"SELECT count(*) FROM {table}")
+            assert result.rows_compared == rows, (name, round_)

@@ -113,6 +113,43 @@ WHERE {b_key} IS NULL OR {c_key} IS NULL OR {any_differs}
 -- name: read_diff
 SELECT op, changed, {old_texts}, {new_texts} FROM pg_temp.pgherald_diff ORDER BY {order}
 
+-- name: count_diff
+SELECT op, count(*) FROM pg_temp.pgherald_diff GROUP BY op
+
+-- name: sort_in_memory
+-- For the rest of the run's transaction, whose last statement makes the events: it sorts
+-- the differences twice (by key, to number them; by number, to give them ids in that
+-- order), a few MB for 20,000 differences, which the default work_mem (4MB) sends to disk.
+SELECT set_config('work_mem', '64MB', true)
+
+-- name: diff_events
+-- The differences as change log rows (the columns that store/selected.py names), made by
+-- the server as _EventMaker.diff makes them in Python: the same event ids (S/<run>/<n>,
+-- numbered in read_diff's order), keys, texts and changed columns, so that a run stores
+-- the same log whichever makes them. Only when the shape did not change: old and new rows
+-- then share the one shape, labelled 'row'.
+SELECT d.seq AS ord,
+       'S/' || %(run)s::text || '/' || d.seq::text AS event_id,
+       %(watch)s::text AS watch,
+       d.op,
+       %(schema_name)s::text AS schema_name,
+       %(table_name)s::text AS table_name,
+       '[' || {row_key} || ']' AS row_key,
+       %(key_columns)s::text[] AS key_columns,
+       'row' AS shape,
+       CASE WHEN d.op <> 'insert' THEN ARRAY[{old_texts}]::text[] END AS old_values,
+       CASE WHEN d.op <> 'delete' THEN ARRAY[{new_texts}]::text[] END AS new_values,
+       CASE WHEN d.op = 'update' THEN d.changed ELSE '{{}}'::text[] END AS changed,
+       pg_current_xact_id()::text::bigint AS xid,
+       %(run)s::text AS position,
+       %(captured_at)s::timestamptz AS commit_time,
+       %(captured_at)s::timestamptz AS captured_at,
+       'snapshot' AS method,
+       d.seq::integer AS seq,
+       CASE WHEN d.op <> 'insert' THEN 'snapshot' ELSE 'none' END AS old_values_source,
+       '{{}}'::jsonb AS meta
+FROM (SELECT p.*, row_number() OVER (ORDER BY {order}) AS seq FROM pg_temp.pgherald_diff p) d
+
 -- name: read_baseline
 SELECT {base_texts} FROM {baseline} ORDER BY {order}
 
