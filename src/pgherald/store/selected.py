@@ -5,8 +5,9 @@ made by the server in the transaction that claims them: one ``INSERT INTO events
 SELECT`` moves a whole batch, where building ``ChangeEvent`` objects and COPYing them
 back cost more CPU than the rows' own writing (see bench/README.md, "Trigger capture").
 The source writes the SELECT, which knows its input; this module writes the rest, which
-knows the log: the append lock, shape ids, ids in order, idempotency by ``event_id``,
-field rows, the watches' activity and the NOTIFY, as ``ChangeLog.append`` does them.
+knows the log: the append lock, shape ids, ids in order, field rows, the watches'
+activity and the NOTIFY, as ``ChangeLog.append`` does them; an ``event_id`` the log has
+already fails it, as it fails ``ChangeLog.append``'s direct path (``append_selected``).
 
 The source's SELECT yields these columns, by name: ``ord`` (the log order within the
 batch), ``event_id``, ``watch``, ``op``, ``schema_name``, ``table_name``, ``row_key`` (as
