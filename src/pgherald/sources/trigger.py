@@ -465,7 +465,7 @@ class TriggerSource:
     def _arm(self, sink: QueueSink, wake: psycopg.Connection[Any]) -> bool:
         """Arms the wake-up, if no writer's transaction is in the middle of capturing.
 
-        The switch writers look at (``capture_change``, migration 10) is an advisory lock
+        The switch writers look at (``capture_change``, migration 9) is an advisory lock
         that this drainer holds on its LISTEN connection while it sleeps: a writer's first
         captured row tries it shared, fails, and sends the NOTIFY; while it is not held the
         try succeeds (and holds it shared to the transaction's end) and nothing is sent.

@@ -220,9 +220,13 @@ INSERT INTO trigger_wake DEFAULT VALUES;
 
 -- The trigger function of every trigger watch. Arguments: the watch's name, its ignored
 -- columns and its watched columns (text[] literals; '' = every column). SECURITY DEFINER,
--- so roles that write the watched tables need no rights on the queue; with names
--- qualified and a fixed search_path, so they cannot redirect it. Built with format() to
--- qualify names with this store's schema, whatever it is called.
+-- so roles that write the watched tables need no rights on the queue. It never consults
+-- the search path, so writers cannot redirect it: every table, function, type and
+-- operator it names is schema-qualified (OPERATOR(pg_catalog.=), and no IS DISTINCT FROM,
+-- which looks = up by name); a SET search_path clause would cost every call a save and a
+-- restore. Its wake-up switch is an advisory lock that pgherald holds while it sleeps
+-- (trigger_wake.armed shows it). Built with format() to qualify names with this store's
+-- schema, whatever it is called.
 DO $install$
 DECLARE
     store text := current_schema();
@@ -230,50 +234,58 @@ DECLARE
         WHEN octet_length(current_schema()) <= 40 THEN current_schema() || '_wake'
         ELSE 'pgherald_wake_' || left(md5(current_schema()), 16)
     END;
+    wake_lock bigint := hashtext('pgherald.trigger_wake:' || current_schema());
 BEGIN
     EXECUTE format($create$
 CREATE FUNCTION %1$I.capture_change() RETURNS trigger
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $body$
+LANGUAGE plpgsql SECURITY DEFINER AS $body$
 DECLARE
-    old_row jsonb;
-    new_row jsonb;
+    old_row pg_catalog.jsonb;
+    new_row pg_catalog.jsonb;
 BEGIN
-    IF TG_OP = 'INSERT' THEN
+    IF TG_OP OPERATOR(pg_catalog.=) 'INSERT' THEN
         INSERT INTO %1$I.trigger_queue (watch, op, new_row)
-        VALUES (TG_ARGV[0], 'insert', to_jsonb(NEW));
-    ELSIF TG_OP = 'UPDATE' THEN
-        old_row := to_jsonb(OLD);
-        new_row := to_jsonb(NEW);
-        IF TG_ARGV[2] <> '' THEN
+        VALUES (TG_ARGV[0], 'insert', pg_catalog.to_jsonb(NEW));
+    ELSIF TG_OP OPERATOR(pg_catalog.=) 'UPDATE' THEN
+        old_row := pg_catalog.to_jsonb(OLD);
+        new_row := pg_catalog.to_jsonb(NEW);
+        IF TG_ARGV[2] OPERATOR(pg_catalog.<>) '' THEN
             -- Only the watched columns count.
             IF NOT EXISTS (
-                SELECT FROM unnest(TG_ARGV[2]::text[]) AS w(name)
-                WHERE old_row -> w.name IS DISTINCT FROM new_row -> w.name
+                SELECT FROM pg_catalog.unnest(TG_ARGV[2]::pg_catalog.text[]) AS w(name)
+                WHERE NOT COALESCE(
+                    (old_row OPERATOR(pg_catalog.->) w.name)
+                        OPERATOR(pg_catalog.=) (new_row OPERATOR(pg_catalog.->) w.name),
+                    (old_row OPERATOR(pg_catalog.->) w.name) IS NULL
+                        AND (new_row OPERATOR(pg_catalog.->) w.name) IS NULL)
             ) THEN
                 RETURN NULL;
             END IF;
-        ELSIF TG_ARGV[1] = '{}' THEN
-            IF old_row = new_row THEN
+        ELSIF TG_ARGV[1] OPERATOR(pg_catalog.=) '{}' THEN
+            IF old_row OPERATOR(pg_catalog.=) new_row THEN
                 RETURN NULL;
             END IF;
-        ELSIF old_row - TG_ARGV[1]::text[] = new_row - TG_ARGV[1]::text[] THEN
+        ELSIF (old_row OPERATOR(pg_catalog.-) TG_ARGV[1]::pg_catalog.text[])
+              OPERATOR(pg_catalog.=) (new_row OPERATOR(pg_catalog.-) TG_ARGV[1]::pg_catalog.text[])
+        THEN
             RETURN NULL;
         END IF;
         INSERT INTO %1$I.trigger_queue (watch, op, old_row, new_row)
         VALUES (TG_ARGV[0], 'update', old_row, new_row);
-    ELSIF TG_OP = 'DELETE' THEN
+    ELSIF TG_OP OPERATOR(pg_catalog.=) 'DELETE' THEN
         INSERT INTO %1$I.trigger_queue (watch, op, old_row)
-        VALUES (TG_ARGV[0], 'delete', to_jsonb(OLD));
+        VALUES (TG_ARGV[0], 'delete', pg_catalog.to_jsonb(OLD));
     ELSE
         INSERT INTO %1$I.trigger_queue (watch, op) VALUES (TG_ARGV[0], 'truncate');
     END IF;
-    IF (SELECT armed FROM %1$I.trigger_wake) THEN
-        PERFORM pg_notify(%2$L, '');
+    -- Wake pgherald if it sleeps: it holds this lock then, so the shared try fails.
+    IF NOT pg_catalog.pg_try_advisory_xact_lock_shared(%3$L::pg_catalog.int8) THEN
+        PERFORM pg_catalog.pg_notify(%2$L, '');
     END IF;
     RETURN NULL;
 END
 $body$
-$create$, store, channel);
+$create$, store, channel, wake_lock);
 END
 $install$;
 
@@ -312,4 +324,4 @@ CREATE TABLE web_secrets (
     created_at timestamptz NOT NULL DEFAULT now()
 );
 
-INSERT INTO schema_version (version) VALUES (8);
+INSERT INTO schema_version (version) VALUES (9);

@@ -34,11 +34,11 @@ SELECT pid, backend_start FROM pg_stat_activity WHERE pid = pg_backend_pid()
 
 -- name: set_wake
 -- The flag that shows whether the wake-up is armed (and that the trigger function of
--- migration 2 read at every row; migration 10's tries the lock below instead).
+-- migration 2 read at every row; migration 9's tries the lock below instead).
 UPDATE {wake} SET armed = %(armed)s WHERE armed IS DISTINCT FROM %(armed)s
 
 -- name: arm
--- The wake-up switch of capture_change (migration 10): the drainer holds this advisory
+-- The wake-up switch of capture_change (migration 9): the drainer holds this advisory
 -- lock on its LISTEN connection while it sleeps, so a writer's shared try fails and it
 -- sends the NOTIFY. The same key as the function's: hashtext of the store's name.
 SELECT pg_try_advisory_lock(hashtext('pgherald.trigger_wake:' || %(store)s)::bigint)
