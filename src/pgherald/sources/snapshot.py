@@ -256,9 +256,9 @@ class SnapshotComparer:
         events = _EventMaker(watch, run_id, captured_at, conn)
         unlogged = before is not None and self._unlogged(conn, watch)
         lost = before is not None and unlogged and self._lost(conn, watch, baseline_rows)
-        # A keyed run that keeps its baseline knows how many rows it compares without
-        # counting them (a pass over the whole result): the baseline's count, kept by the
-        # last run, plus the inserts, minus the deletes.
+        # A run that keeps its baseline knows how many rows it compares without counting
+        # them (a pass over the whole result): the baseline's count, kept by the last run,
+        # plus the inserts, minus the deletes (keyed or as a multiset alike).
         derived = before is not None and not lost and baseline_rows is not None
         counted = self._check_keys(conn, watch, current, count=not derived)
         out.rows_compared = counted if counted is not None else 0
