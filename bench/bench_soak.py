@@ -301,6 +301,10 @@ class DaemonProcess:
     def rss(self) -> int:
         return sum(p.memory_info().rss for p in self.processes())
 
+    def cpu(self) -> float:
+        """CPU seconds used so far (user + system, its children included)."""
+        return sum(sum(p.cpu_times()[:2]) for p in self.processes())
+
     def fds(self) -> int:
         return sum(p.num_fds() for p in self.processes())
 
@@ -435,6 +439,7 @@ def metric(text: str, name: str) -> dict[frozenset[tuple[str, str]], float]:
 class Sample:
     at: float
     tps: float
+    cpu: float  # the daemon's CPU seconds so far
     rss: int
     fds: int
     conns: int
@@ -468,6 +473,7 @@ def take_sample(
     return Sample(
         at=time.monotonic() - started,
         tps=load.last_tps() if load is not None else float("nan"),
+        cpu=daemon.cpu(),
         rss=daemon.rss(),
         fds=daemon.fds(),
         conns=daemon.pg_connections(port),
@@ -478,16 +484,17 @@ def take_sample(
     )
 
 
-def row_line(s: Sample) -> str:
+def row_line(s: Sample, before: Sample | None = None) -> str:
+    busy = (s.cpu - before.cpu) / (s.at - before.at) if before else float("nan")
     return (
-        f"{s.at:6.0f} {s.tps:7.0f} {s.rss / 2**20:8.1f} {s.fds:5d} {s.conns:5d}"
+        f"{s.at:6.0f} {s.tps:7.0f} {busy:6.0%} {s.rss / 2**20:8.1f} {s.fds:5d} {s.conns:5d}"
         f" {s.lag / 1024:10.1f} {s.pending.get('rabbit', 0):8d} {s.pending.get('hook', 0):8d}"
         f" {s.amqp['p50']:9.1f} {s.amqp['p99']:9.1f} {s.hook['p50']:9.1f} {s.hook['p99']:9.1f}"
     )
 
 
 HEADER = (
-    f"{'t s':>6} {'tps':>7} {'RSS MB':>8} {'fds':>5} {'conns':>5} {'lag kB':>10}"
+    f"{'t s':>6} {'tps':>7} {'cpu':>6} {'RSS MB':>8} {'fds':>5} {'conns':>5} {'lag kB':>10}"
     f" {'open mq':>8} {'open wh':>8} {'mq p50':>9} {'mq p99':>9} {'wh p50':>9} {'wh p99':>9}"
 )
 
@@ -593,7 +600,7 @@ def soak(args: argparse.Namespace) -> int:
                 samples.append(
                     take_sample(started, daemon, cluster.port, db, http, load, receivers)
                 )
-                c.say(row_line(samples[-1]))
+                c.say(row_line(samples[-1], samples[-2] if len(samples) > 1 else None))
             if not daemon.alive():
                 raise RuntimeError(f"pgherald run ended:\n{daemon.tail()}")
         achieved = load.wait()
@@ -621,7 +628,7 @@ def soak(args: argparse.Namespace) -> int:
         drain_ok = wait_until(drained, args.drain_timeout, "the deliveries to drain")
         drain_seconds = time.monotonic() - drain_started
         samples.append(take_sample(started, daemon, cluster.port, db, http, None, receivers))
-        c.say(row_line(samples[-1]) + "  (after the drain)")
+        c.say(row_line(samples[-1], samples[-2]) + "  (after the drain)")
         time.sleep(1.0)  # the last confirmed messages reach the consumer
         poller.stop.set()
         poll_thread.join(60)
@@ -668,12 +675,15 @@ def report(
 ) -> int:
     during = samples[:-1] or samples
     c.say("")
-    c.say("samples (every 10 s; latencies in ms over the window, mq = RabbitMQ, wh = webhook):")
+    c.say(
+        "samples (every 10 s; cpu = the daemon's share of one core over the window;"
+        " latencies in ms over the window, mq = RabbitMQ, wh = webhook):"
+    )
     c.say(HEADER)
-    for s in during:
-        c.say(row_line(s))
+    for i, s in enumerate(during):
+        c.say(row_line(s, during[i - 1] if i else None))
     if len(samples) > len(during):
-        c.say(row_line(samples[-1]) + "  (after the drain)")
+        c.say(row_line(samples[-1], samples[-2]) + "  (after the drain)")
     first, last = minute_mean(during, True), minute_mean(during, False)
     growth = last - first
     flat = growth < RSS_FLAT_BYTES or growth < RSS_FLAT_RATIO * first
@@ -698,6 +708,12 @@ def report(
         f"PostgreSQL connections: {min(conns)}-{max(conns)} (max - min {max(conns) - min(conns)});"
         f" fds {min(fds)}-{max(fds)} (max - min {max(fds) - min(fds)}); at the end by name: "
         + ", ".join(f"{n or '-'} {k}" for n, k in names)
+    )
+    spent = samples[-1].cpu
+    c.say(
+        f"daemon CPU: {spent:.0f}s for {committed:,} rows (two deliveries each),"
+        f" {spent / max(committed, 1) * 1e6:.0f} us per row; mean"
+        f" {spent / max(samples[-1].at, 1):.0%} of one core"
     )
     c.say(
         f"capture lag max {lag_max / 1024:,.1f} kB; open deliveries max {open_max:,};"
