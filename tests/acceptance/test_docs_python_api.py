@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import re
+import signal
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from tests.conftest import Database
@@ -18,13 +20,32 @@ def examples() -> list[str]:
     return re.findall(r"```python\n(.*?)```", DOC.read_text(encoding="utf-8"), re.DOTALL)
 
 
-def run_example(db: Database, code: str, writes: list[str]) -> str:
-    """Runs an example as a program; a writer repeats ``writes`` until it ends."""
+def run_example(
+    db: Database, code: str, writes: list[str], until: Callable[[str], bool] | None = None
+) -> str:
+    """Runs an example as a program; a writer repeats ``writes`` until it ends.
+
+    A program that runs until stopped gets SIGTERM once its output satisfies ``until``
+    (and must then end cleanly)."""
     code = code.replace('"postgresql:///shop"', repr(db.dsn))
     proc = subprocess.Popen(
         [sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
     done = threading.Event()
+    if until is not None:
+        assert proc.stdout is not None
+        seen = ""
+        deadline = time.monotonic() + 90
+        stdout = proc.stdout
+        reader_done = threading.Event()
+        lines: list[str] = []
+
+        def read() -> None:
+            for line in stdout:
+                lines.append(line)
+            reader_done.set()
+
+        threading.Thread(target=read, daemon=True).start()
 
     def writer() -> None:
         n = 0
@@ -38,7 +59,17 @@ def run_example(db: Database, code: str, writes: list[str]) -> str:
     thread = threading.Thread(target=writer, daemon=True)
     thread.start()
     try:
-        out, err = proc.communicate(timeout=90)
+        if until is None:
+            out, err = proc.communicate(timeout=90)
+        else:
+            while not until(seen := "".join(lines)) and time.monotonic() < deadline:
+                assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+                time.sleep(0.2)
+            assert until(seen), seen
+            proc.send_signal(signal.SIGTERM)
+            err = proc.communicate(timeout=60)[1]
+            reader_done.wait(10)
+            out = "".join(lines)
     finally:
         done.set()
         proc.kill()
@@ -75,6 +106,10 @@ def test_callbacks_example(db: Database) -> None:
             "INSERT INTO ports VALUES ({n}, 'Genoa')",
             "UPDATE ports SET name = 'Genova' WHERE id = {n}",
         ],
+        until=lambda out: (
+            "clearing the cache of port" in out
+            and re.search(r"^port \d+ insert$", out, re.MULTILINE) is not None
+        ),
     )
     assert "clearing the cache of port" in out
     assert re.search(r"^port \d+ insert$", out, re.MULTILINE)
