@@ -66,9 +66,20 @@ class StreamWriter(threading.Thread):
     updates) and now and then delete a cold row. ``made`` counts committed changes."""
 
     def __init__(
-        self, dsn: str, total: int, seconds: float, *, hot_rows: int = 20, seed: int = 0
+        self,
+        dsn: str,
+        total: int,
+        seconds: float,
+        *,
+        hot_rows: int = 20,
+        seed: int = 0,
+        hold_at: int | None = None,
     ) -> None:
+        """``hold_at``: stop at about that many changes until ``release`` is set, so a fault
+        the test makes meanwhile is in the middle of the stream however slow the machine."""
         super().__init__(name="stream-writer", daemon=True)
+        self.hold_at = hold_at
+        self.release = threading.Event()
         self.dsn = dsn
         self.total = total
         self.pace = Pace(total, seconds)
@@ -98,6 +109,13 @@ class StreamWriter(threading.Thread):
         cold: list[int] = []
         while self.made < self.total and not self.stop.is_set():
             while self.made > self.pace.allowed() and not self.stop.is_set():
+                time.sleep(0.005)
+            while (
+                self.hold_at is not None
+                and self.made >= self.hold_at
+                and not self.release.is_set()
+                and not self.stop.is_set()
+            ):
                 time.sleep(0.005)
             left = self.total - self.made
             with conn.transaction():

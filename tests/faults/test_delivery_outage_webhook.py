@@ -135,7 +135,9 @@ def test_a_receiver_answering_503_for_a_while_gets_everything_in_each_rows_order
     seed = random.randrange(10**6)
     unavailable = threading.Event()
     receiver = Receiver(lambda key, body: 503 if unavailable.is_set() else 200)
-    writer = d.StreamWriter(db.dsn, EVENTS_503, STREAM_SECONDS_503, seed=seed)
+    writer = d.StreamWriter(
+        db.dsn, EVENTS_503, STREAM_SECONDS_503, seed=seed, hold_at=EVENTS_503 * 3 // 4
+    )
     try:
         routing_admin.add_sink(
             settings, SINK, "webhook", options={"url": receiver.url, "timeout": 5},
@@ -168,6 +170,7 @@ def test_a_receiver_answering_503_for_a_while_gets_everything_in_each_rows_order
                 refused = receiver.count(503)
                 written_at_recovery = writer.made
                 unavailable.clear()
+                writer.release.set()
                 recovered_at = time.monotonic()
                 writer.finish(60)
                 h.catch_up(settings, alive=lambda: h.capture_problem(capture))
