@@ -651,6 +651,7 @@ def soak(args: argparse.Namespace) -> int:
             r.close()
         if daemon is not None:
             daemon.stop()
+            daemon.log.unlink(missing_ok=True)  # its tail is in any error raised above
         if broker is not None:
             with contextlib.suppress(Exception):
                 broker.close()
