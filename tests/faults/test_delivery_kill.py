@@ -78,7 +78,8 @@ def test_sigkill_of_the_delivery_worker_at_random_moments(db_primary: Database) 
         settings, SINK, "redis", options={"url": REDIS, "stream": stream, "maxlen": 0}
     )
     routing_admin.subscribe(settings, SINK, [d.STREAM_WATCH])
-    writer = d.StreamWriter(dsn, EVENTS, STREAM_SECONDS, seed=seed)
+    # Held short of its end until the last kill, so every kill is mid-stream on a slow machine.
+    writer = d.StreamWriter(dsn, EVENTS, STREAM_SECONDS, seed=seed, hold_at=EVENTS * 9 // 10)
     proc = d.DeliverProcess(settings, "--sink", SINK)
     kills = in_start = holding_claim = 0
     try:
@@ -108,6 +109,7 @@ def test_sigkill_of_the_delivery_worker_at_random_moments(db_primary: Database) 
                 assert not problem(), problem()
                 assert writer.is_alive(), "the stream ended before the last kill"
             killed_at = time.monotonic()
+            writer.release.set()
             proc.start()
             writer.finish(60)
             h.catch_up(settings, alive=lambda: h.capture_problem(capture))

@@ -114,7 +114,8 @@ def test_broker_cut_for_30s_mid_stream_loses_nothing_and_keeps_each_rows_order(
         dsn, [d.STREAM_TABLE], settings=h.settings_for(dsn, method="trigger"), slot=False
     )
     exchange = f"pgherald-test-outage-{uuid.uuid4().hex[:10]}"
-    writer = d.StreamWriter(dsn, EVENTS, STREAM_SECONDS, seed=seed)
+    # Held short of its end until the broker is back, so the cut is mid-stream on a slow machine.
+    writer = d.StreamWriter(dsn, EVENTS, STREAM_SECONDS, seed=seed, hold_at=EVENTS * 9 // 10)
     with ThreadedTcpProxy("127.0.0.1", 5672) as proxy, Consumer(exchange) as consumer:
         routing_admin.add_sink(
             settings,
@@ -158,6 +159,7 @@ def test_broker_cut_for_30s_mid_stream_loses_nothing_and_keeps_each_rows_order(
                 arrived_in_cut = consumer.count - arrived_early_in_cut
                 written_at_restore = writer.made
                 proxy.restore()
+                writer.release.set()
                 restored_at = time.monotonic()
                 writer.finish(60)
                 h.catch_up(settings, alive=lambda: h.capture_problem(capture))
