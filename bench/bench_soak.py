@@ -407,7 +407,16 @@ class Poller:
 
     def run(self) -> None:
         with httpx.Client(timeout=30) as client:
-            self.login(client)
+            deadline = time.monotonic() + 60
+            while True:  # the console may still be starting
+                try:
+                    self.login(client)
+                    break
+                except (httpx.HTTPError, RuntimeError) as e:
+                    if time.monotonic() > deadline or self.stop.is_set():
+                        self.failed.append(f"sign-in: {e!r}")
+                        return
+                    time.sleep(1.0)
             while not self.stop.wait(self.every):
                 for url in (f"{self.web}/", f"{self.web}/changes", f"{self.http}/metrics"):
                     started = time.monotonic()
