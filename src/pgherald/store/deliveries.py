@@ -166,20 +166,21 @@ def _q(name: str) -> LiteralString:
     return named_query("deliveries.sql", name)
 
 
+def _sink_params(sink: StoredSink) -> dict[str, Any]:
+    return {
+        "name": sink.name,
+        "kind": sink.kind,
+        "format": sink.format,
+        "config": Jsonb(sink.options),
+        "strictly_ordered": sink.strictly_ordered,
+        "max_attempts": sink.max_attempts,
+    }
+
+
 def add_sink(conn: psycopg.Connection[Any], schema: str, sink: StoredSink) -> bool:
     """Stores a sink; False when one of that name exists (nothing is changed then)."""
     with in_schema(conn, schema):
-        row = conn.execute(
-            _q("add_sink"),
-            {
-                "name": sink.name,
-                "kind": sink.kind,
-                "format": sink.format,
-                "config": Jsonb(sink.options),
-                "strictly_ordered": sink.strictly_ordered,
-                "max_attempts": sink.max_attempts,
-            },
-        ).fetchone()
+        row = conn.execute(_q("add_sink"), _sink_params(sink)).fetchone()
         if row is not None:
             notify_sinks_changed(conn, schema, sink.name)
     return row is not None
@@ -206,16 +207,7 @@ def update_sink(conn: psycopg.Connection[Any], schema: str, sink: StoredSink) ->
     """Replaces a sink's definition and enabled flag; False when there is no such sink."""
     with in_schema(conn, schema):
         row = conn.execute(
-            _q("update_sink"),
-            {
-                "name": sink.name,
-                "kind": sink.kind,
-                "format": sink.format,
-                "config": Jsonb(sink.options),
-                "strictly_ordered": sink.strictly_ordered,
-                "max_attempts": sink.max_attempts,
-                "enabled": sink.enabled,
-            },
+            _q("update_sink"), {**_sink_params(sink), "enabled": sink.enabled}
         ).fetchone()
         if row is not None:
             notify_sinks_changed(conn, schema, sink.name)
