@@ -26,12 +26,13 @@ from pgherald.events.formats import (
     load_schema,
     to_cloudevent,
     to_debezium,
+    to_format,
     to_pgherald_json,
     to_simple,
 )
 from pgherald.events.model import UNCHANGED_TOAST, ChangeEvent, Operation, RowImage, Text
 
-INT8, TEXT, NUMERIC, JSONB, BYTEA = 20, 25, 1700, 3802, 17
+INT8, TEXT, NUMERIC, JSONB, BYTEA, FLOAT8 = 20, 25, 1700, 3802, 17, 701
 COLUMNS: Mapping[str, tuple[int, str]] = {
     "id": (INT8, "int8"),
     "name": (TEXT, "text"),
@@ -300,3 +301,34 @@ def test_any_row_round_trips_through_the_wire(
     assert back.new is not None
     assert back.new["id"] == ident and back.new["name"] == name and back.new["blob"] == blob
     assert back.new["amount"].is_nan() if amount.is_nan() else back.new["amount"] == amount
+
+
+@given(
+    st.integers(),
+    _TEXTS,
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.decimals(allow_nan=True, allow_infinity=True, places=None).filter(lambda d: not d.is_snan()),
+    st.sampled_from(["pgherald", "debezium", "cloudevents", "simple"]),
+)
+def test_encode_writes_what_the_standard_library_writes(
+    big: int, name: str, ratio: float, amount: Decimal, fmt: Any
+) -> None:
+    """Events without json content are written by orjson (``encode``): the same JSON as
+    ``json.dumps`` of the same data, and the same bytes when no float has an exponent."""
+    shape: dict[str, tuple[int, str]] = {
+        "id": (INT8, "int8"),
+        "name": (TEXT, "text"),
+        "ratio": (FLOAT8, "float8"),
+        "amount": (NUMERIC, "numeric"),
+    }
+    texts = {"id": str(big), "name": name, "ratio": repr(ratio), "amount": format(amount, "f")}
+    row = RowImage.from_texts(
+        shape, texts, lambda oid, t: float(t) if oid == FLOAT8 else load(oid, t)
+    )
+    ev = dataclasses.replace(event("insert", None, ROW), new=row, key={"id": row["id"]})
+    raw = encode(ev, fmt)
+    data = to_format(ev, fmt)
+    std = json.dumps(data, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    assert json.loads(raw) == json.loads(std)
+    if "e" not in repr(ratio):
+        assert raw == std.encode("utf-8")

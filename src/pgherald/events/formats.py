@@ -23,6 +23,8 @@ from importlib import resources
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any, Final, Literal
 
+import orjson
+
 from pgherald.errors import PgHeraldError
 from pgherald.events.model import (
     UNCHANGED_TOAST,
@@ -38,6 +40,7 @@ from pgherald.events.values import (
     JSONValue,
     ValueEncodingError,
     from_json_value,
+    parse_type_name,
     row_to_json,
     to_json_value,
 )
@@ -384,12 +387,35 @@ def to_format(event: ChangeEvent, fmt: Format, *, source_uri: str = "pgherald") 
     raise FormatError(f"unknown event format {fmt!r}; choose one of {', '.join(FORMATS)}")
 
 
+def _holds_json_content(event: ChangeEvent) -> bool:
+    """Whether a row of the event has a json/jsonb column (or an array of them): content
+    that only the standard library writes as pgherald promises (integers of any size, and
+    an error instead of ``null`` for a number no double holds)."""
+    for image in (event.new, event.old):
+        if image is not None and any(
+            parse_type_name(c.type_name).is_json for c in image.shape.columns
+        ):
+            return True
+    return False
+
+
 def encode(event: ChangeEvent, fmt: Format, *, source_uri: str = "pgherald") -> bytes:
     """The event as compact UTF-8 JSON in the format named ``fmt``.
 
     ``source_uri`` is the CloudEvents ``source`` (ignored by the other formats).
+
+    orjson writes it as ``json.dumps`` would (compact, UTF-8 unescaped; only a float with
+    an exponent is spelt shorter, ``1e16`` for ``1e+16``), at a fraction of the cost:
+    encoding was the largest single part of a delivery's CPU.
+    Every value was already made JSON-safe by :mod:`pgherald.events.values`, except the
+    content of json columns, which the standard library writes instead.
     """
     data = to_format(event, fmt, source_uri=source_uri)
+    if not _holds_json_content(event):
+        try:
+            return orjson.dumps(data)
+        except TypeError:
+            pass  # something orjson does not write (an integer beyond 64 bits): below
     try:
         return json.dumps(data, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode(
             "utf-8"
