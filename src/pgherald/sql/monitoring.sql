@@ -25,12 +25,23 @@ SELECT (SELECT count(*) FROM {watches} WHERE method = 'logical' AND enabled),
 SELECT count(*), extract(epoch FROM now() - min(xact_time))::float8 FROM {trigger_queue}
 
 -- name: deliveries_by_sink
--- Each sink's deliveries that are not done, by status, and its dead letters. One index
+-- Each sink's deliveries that are not done, by status, and its dead letters: one index
 -- lookup per sink and status (deliveries_sink_status_idx), never a scan of the delivered.
-SELECT s.name, st.status,
-       (SELECT count(*) FROM {deliveries} d WHERE d.sink = s.name AND d.status = st.status)
+-- Each status is written as a constant: compared with a column of unnest(...), the
+-- planner could not know which status it counts, guessed half of the table, and scanned
+-- all of deliveries once per sink and status (320 ms a scrape at 240,000 deliveries).
+SELECT s.name, v.status, v.n
 FROM {sinks} s
-CROSS JOIN unnest(ARRAY['pending', 'delivering', 'failed', 'dead']) AS st(status)
+CROSS JOIN LATERAL (VALUES
+    ('pending', (SELECT count(*) FROM {deliveries} d
+                 WHERE d.sink = s.name AND d.status = 'pending')),
+    ('delivering', (SELECT count(*) FROM {deliveries} d
+                    WHERE d.sink = s.name AND d.status = 'delivering')),
+    ('failed', (SELECT count(*) FROM {deliveries} d
+                WHERE d.sink = s.name AND d.status = 'failed')),
+    ('dead', (SELECT count(*) FROM {deliveries} d
+              WHERE d.sink = s.name AND d.status = 'dead'))
+) AS v(status, n)
 ORDER BY 1, 2
 
 -- name: dead_since

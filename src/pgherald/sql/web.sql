@@ -220,16 +220,9 @@ LIMIT %(limit)s
 -- Dashboard -----------------------------------------------------------------------------
 
 -- name: watch_activity
--- Per watch: changes since the start of today (in the server's time zone, through the
--- captured_at index), errors in the last day, the newest change's time, and what waits in
--- the trigger queue.
-WITH today AS (
-    SELECT watch, count(*) AS n
-    FROM events
-    WHERE captured_at >= date_trunc('day', now())
-    GROUP BY watch
-),
-recent_errors AS (
+-- Per watch: errors in the last day, the newest change's time, and what waits in the
+-- trigger queue (changes today: store/today.py).
+WITH recent_errors AS (
     SELECT watch, count(*) AS n
     FROM errors
     WHERE occurred_at >= now() - interval '1 day'
@@ -241,17 +234,36 @@ queued AS (
     GROUP BY watch
 )
 SELECT w.name,
-       coalesce(t.n, 0),
        coalesce(r.n, 0),
        (SELECT e.captured_at FROM events e WHERE e.watch = w.name ORDER BY e.id DESC LIMIT 1),
        coalesce(q.n, 0),
        q.oldest
 FROM watches w
-LEFT JOIN today t ON t.watch = w.name
 LEFT JOIN recent_errors r ON r.watch = w.name
 LEFT JOIN queued q ON q.watch = w.name
 WHERE %(watches)s::text[] IS NULL OR w.name = ANY (%(watches)s::text[])
 ORDER BY w.name
+
+-- name: today_position
+-- The start of today in the server's time zone, the newest log id (every smaller one is
+-- visible too: the append lock), and which database this is.
+SELECT date_trunc('day', now()),
+       coalesce((SELECT id FROM events ORDER BY id DESC LIMIT 1), 0),
+       (SELECT oid FROM pg_catalog.pg_database WHERE datname = current_database())
+
+-- name: today_from_scratch
+-- Events captured today up to a log id, by watch, through the captured_at index.
+SELECT watch, count(*)
+FROM events
+WHERE captured_at >= %(day)s AND id <= %(upto)s
+GROUP BY watch
+
+-- name: today_since
+-- Events captured today with log ids in (after, upto], by watch, through the primary key.
+SELECT watch, count(*)
+FROM events
+WHERE id > %(after)s AND id <= %(upto)s AND captured_at >= %(day)s
+GROUP BY watch
 
 -- name: page_deliveries
 SELECT d.id, d.event_id, e.event_id, e.watch, e.op, d.sink, d.status, d.attempts,

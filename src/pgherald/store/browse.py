@@ -23,6 +23,7 @@ from pgherald.events.model import TypedLoader
 from pgherald.store.changelog import ChangeLog, StoredEvent
 from pgherald.store.deliveries import DeliveryRow
 from pgherald.store.session import in_schema
+from pgherald.store.today import changes_today
 
 NEWEST: Final = 2**63 - 1
 """A ``before`` above every log id: the first page."""
@@ -167,7 +168,10 @@ def activity(
     params = {"watches": list(watches) if watches is not None else None}
     with in_schema(conn, schema):
         rows = conn.execute(_q("watch_activity"), params).fetchall()
-    return {r[0]: Activity(r[0], int(r[1]), int(r[2]), r[3], int(r[4]), r[5]) for r in rows}
+    today = changes_today(conn, schema, watches)
+    return {
+        r[0]: Activity(r[0], today.get(r[0], 0), int(r[1]), r[2], int(r[3]), r[4]) for r in rows
+    }
 
 
 def deliveries(
