@@ -33,7 +33,7 @@ from pgherald.schedule import Schedule
 from pgherald.sources import logical_admin, trigger_admin
 from pgherald.sources.listen import check_channel
 from pgherald.sources.logical import checkpoint_name
-from pgherald.sources.snapshot import baseline_table
+from pgherald.sources.snapshot import baseline_checkpoint, baseline_table
 from pgherald.store import checkpoints, migrations
 from pgherald.store import watches as registry
 from pgherald.store.changelog import ChangeLog, StoredEvent
@@ -959,6 +959,11 @@ def remove_watch(settings: Settings, name: str) -> Watch:
                     sql.SQL("DROP TABLE IF EXISTS {}").format(
                         sql.Identifier(settings.schema, baseline_table(watch.name))
                     )
+                )
+                # Its row count goes with it: a watch added later under the same name
+                # must not take its new baseline for this one, lost.
+                checkpoints.delete_checkpoint(
+                    conn, settings.schema, baseline_checkpoint(watch.name)
                 )
             if logical_admin.publication_exists(conn, settings.publication):
                 _sync_publication(conn, settings)

@@ -36,7 +36,7 @@ from pgherald.events import ChangeEvent
 from pgherald.events.model import RowShape
 from pgherald.ops import metrics
 from pgherald.schedule import Schedule
-from pgherald.sources.snapshot import SnapshotComparer, SnapshotWatch
+from pgherald.sources.snapshot import SnapshotComparer, SnapshotWatch, baseline_checkpoint
 from pgherald.store import checkpoints, errors, runs
 from pgherald.store import watches as registry
 from pgherald.store.changelog import ChangeLog
@@ -112,11 +112,6 @@ def snapshot_watch(w: Watch) -> SnapshotWatch:
         table=table,
         initial_events=bool((w.options or {}).get("initial_events")),
     )
-
-
-def baseline_checkpoint(watch: str) -> str:
-    """The checkpoint that keeps a snapshot watch's baseline row count, for crash detection."""
-    return f"snapshot:{watch}"
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ from typing import Any
 
 from pgherald import admin, snapshots
 from pgherald.config import Settings
-from pgherald.sources.snapshot import baseline_table
+from pgherald.sources.snapshot import baseline_checkpoint, baseline_table
 from tests import capture_harness as h
 from tests.conftest import Database
 
@@ -39,7 +39,7 @@ def persistence(db: Database) -> str:
 def record(db: Database) -> Any:
     found = db.execute(
         "SELECT position::jsonb FROM pgherald.checkpoints WHERE source = %s",
-        (snapshots.baseline_checkpoint(WATCH),),
+        (baseline_checkpoint(WATCH),),
     )
     return found[0][0] if found else None
 
@@ -155,3 +155,20 @@ def test_rows_compared_follows_from_the_kept_count(db: Database) -> None:
             result = snapshots.run_watch(settings, name)
             ((rows,),) = db.execute(f"SELECT count(*) FROM {table}")
             assert result.rows_compared == rows, (name, round_)
+
+
+def test_removing_a_watch_forgets_its_record_and_the_same_name_starts_afresh(
+    db: Database,
+) -> None:
+    settings = setup(db)
+    db.execute("INSERT INTO t VALUES (4, 'four')")
+    assert snapshots.run_watch(settings, WATCH).inserts == 1
+    admin.remove_watch(settings, WATCH)
+    assert record(db) is None  # no record outlives its watch
+    db.execute("DELETE FROM t")
+    admin.add_snapshot_watch(settings, WATCH, table="t")
+    assert record(db)["rows"] == 0
+    db.execute("INSERT INTO t VALUES (7, 'seven')")
+    result = snapshots.run_watch(settings, WATCH)
+    assert not result.baseline_lost and result.inserts == 1
+    assert lost_errors(db) == []

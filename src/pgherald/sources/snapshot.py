@@ -92,6 +92,12 @@ def baseline_table(watch: str) -> str:
     return "snapshot_" + hashlib.sha256(watch.encode("utf-8")).hexdigest()[:20]
 
 
+def baseline_checkpoint(watch: str) -> str:
+    """The checkpoint that keeps a snapshot watch's baseline row count, for crash detection
+    (it lives and goes with the baseline table)."""
+    return f"snapshot:{watch}"
+
+
 @dataclass(frozen=True)
 class SnapshotWatch:
     """What one comparison needs: the SQL of the result and how rows are identified."""

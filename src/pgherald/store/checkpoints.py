@@ -35,6 +35,12 @@ def save_checkpoint(conn: psycopg.Connection[Any], schema: str, source: str, pos
         conn.execute(query("save_checkpoint"), {"source": source, "position": position})
 
 
+def delete_checkpoint(conn: psycopg.Connection[Any], schema: str, source: str) -> None:
+    """Forgets ``source``'s position in the caller's transaction (what it kept went away)."""
+    with in_schema(conn, schema):
+        conn.execute(query("delete_checkpoint"), {"source": source})
+
+
 def last_commit_time(
     conn: psycopg.Connection[Any], schema: str, watches: Sequence[str]
 ) -> datetime | None:
