@@ -85,10 +85,10 @@ class Receiver:
 
 
 class Daemon(h.CaptureProcess):
-    """``pgherald run ARGS`` as a subprocess (``CaptureProcess``), with helpers to signal
-    it, time its exit and read its log. With ``config``, it is started with only
-    ``--config FILE`` and ``flags`` (no connection flags, which would override the
-    file's, unless ``flags`` has them)."""
+    """``pgherald run ARGS`` (or ``subcommand``, e.g. ``deliver``) as a subprocess
+    (``CaptureProcess``), with helpers to signal it, time its exit and read its log. With
+    ``config``, it is started with only ``--config FILE`` and ``flags`` (no connection
+    flags, which would override the file's, unless ``flags`` has them)."""
 
     def __init__(
         self,
@@ -97,10 +97,12 @@ class Daemon(h.CaptureProcess):
         config: Path | None = None,
         flags: Sequence[str] = (),
         env: Mapping[str, str] | None = None,
+        subcommand: str = "run",
     ) -> None:
         super().__init__(settings, *args, env=env)
         self.config = config
         self.flags = tuple(flags)
+        self.subcommand = subcommand
 
     def start(self) -> Daemon:
         super().start()
@@ -108,8 +110,12 @@ class Daemon(h.CaptureProcess):
 
     def command(self) -> list[str]:
         if self.config is None:
-            return super().command()
-        return [str(h.PGHERALD), "--config", str(self.config), *self.flags, "run", *self.args]
+            command = super().command()
+            command[command.index("run")] = self.subcommand
+            return command
+        return [
+            str(h.PGHERALD), "--config", str(self.config), *self.flags, self.subcommand, *self.args
+        ]  # fmt: skip
 
     def signal(self, signum: int) -> None:
         assert self.proc is not None

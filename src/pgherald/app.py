@@ -657,7 +657,8 @@ class Delivery:
     are those of the store as they change while it runs: the engine reads them again when
     told (``SinkCatalog`` builds them) and hands the digest sinks to the digest job.
     ``idle_close``, ``sweep``, ``refresh`` and ``max_connections`` are the engine's
-    (``DeliveryEngine``).
+    (``DeliveryEngine``); ``max_connections`` is the ``delivery_connections`` setting unless
+    given.
     """
 
     def __init__(
@@ -672,7 +673,7 @@ class Delivery:
         idle_close: float = 10.0,
         sweep: float = 5.0,
         refresh: float = 30.0,
-        max_connections: int = 20,
+        max_connections: int | None = None,
     ) -> None:
         from pgherald import mailing
 
@@ -694,7 +695,7 @@ class Delivery:
             idle_close=idle_close,
             sweep=sweep,
             refresh=refresh,
-            max_connections=max_connections,
+            max_connections=max_connections or settings.delivery_connections,
         )
         self.digests = DigestJob(settings, digest_sinks, policy=policy)
         digests = self.digests

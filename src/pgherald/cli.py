@@ -22,7 +22,7 @@ import threading
 from collections.abc import Callable, Iterable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Final, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Any, Final, NoReturn, TypeVar
 
 import click
 import psycopg
@@ -37,6 +37,9 @@ from pgherald.events import ChangeEvent
 from pgherald.retain import check_retain
 from pgherald.schedule import Schedule
 from pgherald.store.migrations import LATEST_VERSION
+
+if TYPE_CHECKING:
+    from pgherald.daemon import Roles
 
 F = TypeVar("F", bound=Callable[..., Any])
 _OPTIONS_KEY: Final = "pgherald.options"
@@ -584,6 +587,29 @@ def run(
     leave parts to other processes (`pgherald run --no-capture --no-snapshots` is a
     delivery worker).
     """
+    from pgherald import daemon
+
+    roles = daemon.Roles(
+        capture=not no_capture,
+        snapshots=not no_snapshots,
+        delivery=not no_delivery,
+        web=_address(web_address),
+    )
+    roles.check()
+    _run_daemon(ctx, roles, http_address, resync=resync, shutdown_timeout=shutdown_timeout)
+
+
+def _run_daemon(
+    ctx: click.Context,
+    roles: Roles,
+    http_address: str | None,
+    *,
+    resync: bool = False,
+    shutdown_timeout: str | None = None,
+) -> None:
+    """Runs ``roles`` in a daemon until it is stopped (``run`` and ``deliver``): the
+    settings read again on SIGHUP, health and metrics on ``http_address``, exit 1 when the
+    stop gave up on a part."""
     from pgherald import daemon, logs
     from pgherald.ops.http import parse_address, serving
 
@@ -596,13 +622,6 @@ def run(
     ctx.meta["pgherald.settings"] = settings
     logs.setup(settings.log_level, settings.log_format)
     ctx.meta[_LOG_ERRORS_KEY] = settings.log_format == "json"
-    roles = daemon.Roles(
-        capture=not no_capture,
-        snapshots=not no_snapshots,
-        delivery=not no_delivery,
-        web=_address(web_address),
-    )
-    roles.check()
     herald = daemon.Daemon(settings, roles, resync=resync, reload=read_settings)
     expect = [p for p, on in (("capture", roles.capture or roles.snapshots),
                               ("delivery", roles.delivery)) if on]  # fmt: skip
@@ -661,18 +680,6 @@ def _exit_now(status: int) -> NoReturn:
     os._exit(status)
 
 
-class _Stopper:
-    """What ``_signals`` needs of a long-running command that has no daemon (``deliver``)."""
-
-    def __init__(self, settings: Settings) -> None:
-        self.settings = settings
-        self.stop = threading.Event()
-
-    def request_stop(self, signum: int | None = None) -> None:
-        logging.getLogger("pgherald").info("stopping (signal %d)", signum or 0)
-        self.stop.set()
-
-
 @main.command()
 @click.option("--sink", "sinks", multiple=True, help="Only this sink (repeatable).")
 @click.option(
@@ -687,30 +694,14 @@ def deliver(ctx: click.Context, sinks: tuple[str, ...], http_address: str | None
     """Route and deliver the change log's events to the sinks, without capturing.
 
     For running delivery workers apart from capture (several may run: they share the
-    load); `pgherald run` does both.
+    load); `pgherald run` does both, and `pgherald run --no-capture --no-snapshots` is this
+    for all sinks. SIGHUP reloads the configuration file; SIGTERM finishes what is in
+    flight within shutdown_timeout, as `pgherald run` does.
     """
-    from pgherald import app, daemon, logs
-    from pgherald.ops.http import parse_address, serving
+    from pgherald import daemon
 
-    settings = settings_of(ctx)
-    logs.setup(settings.log_level, settings.log_format)
-    ctx.meta[_LOG_ERRORS_KEY] = settings.log_format == "json"
-    logs.add_secrets(daemon.secrets_of(settings))
-    stopper = _Stopper(settings)
-    stop = stopper.stop
-    with _signals(stopper), serving(settings, parse_address(http_address), ["delivery"]):
-        delivery = app.Delivery(settings, stop=stop, sinks=list(sinks) or None)
-        logging.getLogger("pgherald").info(
-            "delivering to %s", ", ".join(sorted(delivery.engine.sinks)) or "no sink"
-        )
-        delivery.start()
-        try:
-            while not stop.wait(0.5):
-                if delivery.errors:
-                    break
-        finally:
-            delivery.close()
-    logging.getLogger("pgherald").info("stopped")
+    roles = daemon.Roles(capture=False, snapshots=False, delivery=True, sinks=sinks)
+    _run_daemon(ctx, roles, http_address)
 
 
 def _address(text: str | None) -> tuple[str, int] | None:

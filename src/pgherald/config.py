@@ -151,6 +151,10 @@ class Settings:
     """How often ``pgherald run`` prunes the change log (``"off"``: never)."""
     prune_batch_size: int = 1000
     """Events deleted per transaction when pruning."""
+    delivery_connections: int = 20
+    """PostgreSQL connections one process's delivery engine holds at most for its sinks
+    together (besides its control connection): a burst of work for many sinks at once
+    must not take all of the server's connections."""
     watches: tuple[WatchSpec, ...] = ()
     sinks: tuple[SinkSpec, ...] = ()
     subscriptions: tuple[SubscriptionSpec, ...] = ()
@@ -206,6 +210,7 @@ _SCALAR_FIELDS: Final[dict[str, type]] = {
     "retain": str,
     "prune_interval": str,
     "prune_batch_size": int,
+    "delivery_connections": int,
 }
 _NAME_FIELDS: Final = ("schema", "slot", "publication")
 _WATCH_KEYS: Final = frozenset(f.name for f in fields(WatchSpec))

@@ -63,6 +63,8 @@ class Roles:
     """Routing, delivery to the sinks and e-mail digests."""
     web: tuple[str, int] | None = None
     """Serve the web console on (host, port)."""
+    sinks: tuple[str, ...] = ()
+    """Deliver only to these sinks (``pgherald deliver --sink``); all enabled ones if empty."""
 
     def check(self) -> None:
         if not (self.capture or self.snapshots or self.delivery or self.web):
@@ -81,6 +83,8 @@ class Roles:
             )
             if on
         ]
+        if self.delivery and self.sinks:
+            parts[-1] += f" (only to sinks {', '.join(map(repr, self.sinks))})"
         if self.web is not None:
             parts.append("web console")
         return ", ".join(parts)
@@ -174,11 +178,12 @@ def _capture_inputs(settings: Settings) -> tuple[Any, ...]:
 def _delivery_inputs(settings: Settings) -> tuple[Any, ...]:
     """The settings delivery's sinks are built with: what people receive looks like (locale,
     time zone, links, templates) and the mail server of ``smtp = "settings"`` sinks
-    (``[smtp]``). The sinks themselves are not among them: the running engine follows
+    (``[smtp]``), and the engine's connection budget (``delivery_connections``). The sinks
+    themselves are not among them: the running engine follows
     the store's sinks by itself (``DeliveryEngine``), a reload's changes included."""
     presentation = (settings.locale, settings.timezone, settings.public_url, settings.templates_dir)
     smtp = json.dumps(dict(settings.smtp), sort_keys=True, default=str)
-    return (presentation, smtp)
+    return (presentation, smtp, settings.delivery_connections)
 
 
 _WEB_SETTINGS = ("locale", "timezone", "public_url", "templates_dir")
@@ -337,7 +342,7 @@ class Daemon:
     def _new_delivery(self) -> app.Delivery:
         self._delivery_inputs = _delivery_inputs(self.settings)
         logs.add_secrets(_stored_sink_secrets(self.settings))
-        return app.Delivery(self.settings, stop=threading.Event())
+        return app.Delivery(self.settings, stop=threading.Event(), sinks=self.roles.sinks or None)
 
     def _start_web(self, address: tuple[str, int]) -> None:
         # Imported here: the console's pages import the admin modules, which import app.
@@ -370,7 +375,8 @@ class Daemon:
         s = self.settings
         if capture.source is not None:
             log.info(
-                "capturing logical watches %s from replication slot %r (publication %r)",
+                "capturing logical watches %s from replication slot %r (publication %r)"
+                " whenever this instance leads them",
                 _names(w.name for w in capture.source.watches),
                 s.slot,
                 s.publication,
@@ -378,16 +384,20 @@ class Daemon:
             )
         if capture.trigger is not None:
             log.info(
-                "capturing trigger watches %s from the trigger queue",
+                "capturing trigger watches %s from the trigger queue whenever this instance"
+                " leads them",
                 _names(w.name for w in capture.trigger.watches),
             )
         if capture.listen is not None:
             log.info(
-                "capturing the notifications of listen watches %s",
+                "capturing the notifications of listen watches %s whenever this instance"
+                " leads them",
                 _names(w.name for w in capture.listen.watches),
             )
         if capture.scheduler is not None:
-            log.info("running snapshot watches when they are due")
+            log.info(
+                "running snapshot watches when they are due, whenever this instance leads them"
+            )
 
     def _describe_delivery(self, delivery: app.Delivery) -> None:
         sinks = delivery.engine.sinks
@@ -570,9 +580,13 @@ class Daemon:
         self._prune_stop.set()
         self.stop.set()
         took = _join_all(threads, deadline)
-        alive = [t for t in threads if t.is_alive()]
+        running = [t for t in threads if t.is_alive()]
+        given_up = [t.name for t in running]
+        if self.delivery is not None and self.delivery.engine.cut_short:
+            # it ended on time only because it cancelled sends still open at the bound
+            given_up.append("pgherald-delivery")
         error: BaseException | None = None
-        if not alive:
+        if not running:
             for p in parts:
                 try:
                     p.close(timeout=1.0)  # all joined: releases what they hold, raises errors
@@ -581,8 +595,8 @@ class Daemon:
             if self.web is not None and self.web.error is not None:
                 error = error or self.web.error
         summary = self._summary()
-        if alive:
-            abandoned = list(dict.fromkeys(_ABANDONED.get(t.name, t.name) for t in alive))
+        if given_up:
+            abandoned = list(dict.fromkeys(_ABANDONED.get(name, name) for name in given_up))
             log.error(
                 "gave up after %gs waiting for %s; exiting without them",
                 bound,

@@ -267,6 +267,69 @@ def test_sighup_reloads_the_configuration(db: Database, tmp_path: Path) -> None:
         assert set(keys) <= truth
 
 
+def test_deliver_serves_only_its_sinks_reloads_on_sighup_and_stops_cleanly(
+    db_primary: Database, tmp_path: Path
+) -> None:
+    """``pgherald deliver --sink`` is the daemon's delivery part alone: it serves the sinks
+    it is given and no other, applies a reloaded file (here: a sink's new URL), and stops on
+    SIGTERM as ``pgherald run`` does."""
+    db = db_primary
+    db.execute("CREATE TABLE alpha (id int PRIMARY KEY)")
+    first, second, moved = Receiver(), Receiver(), Receiver()
+    config = tmp_path / "pgherald.toml"
+    settings = h.install(db.dsn, slot=False)
+    subscriptions = [("one", ["alpha"]), ("two", ["alpha"])]
+    write_config(
+        config,
+        config_text(settings, {"one": first, "two": second}, [("alpha", "trigger")], subscriptions),
+    )
+    admin.init(load_settings(config))
+    capture = Daemon(settings, "--no-delivery", config=config).start()
+    worker = Daemon(settings, "--sink", "one", config=config, subcommand="deliver").start()
+    try:
+        capture.wait_ready()
+        worker.wait_log("routing the change log and delivering to sinks 'one' (webhook)")
+        db.execute("INSERT INTO alpha VALUES (1)")
+        wait_for(lambda: len(first.keys()) == 1, "alpha 1 at receiver one")
+        assert "starting (delivery (only to sinks 'one'))" in worker.log()
+        wait_for(lambda: d.delivery_statuses(settings, "two") == {"pending": 1}, "routed to two")
+        assert second.keys() == []  # routed to 'two', but this worker does not serve it
+
+        # the file moves sink 'one' to another URL: the reloaded worker sends there
+        write_config(
+            config,
+            config_text(
+                settings,
+                {"one": moved, "two": second},
+                [("alpha", "trigger")],
+                subscriptions,
+                'log_format = "json"',
+            ),
+        )
+        mark = len(worker.log())
+        worker.signal(signal.SIGHUP)
+        found = worker.wait_log('"message": "configuration reloaded: ', mark)
+        assert "updated sink 'one'" in worker.log()[found:], worker.log()[mark:]
+        worker.wait_log("sink 'one' changed: delivering with its new definition", mark)
+        db.execute("INSERT INTO alpha VALUES (2)")
+        wait_for(lambda: len(moved.keys()) == 1, "alpha 2 at one's new URL")
+        assert len(first.keys()) == 1 and second.keys() == []
+
+        status, seconds = worker.terminate_timed()
+        assert status == 0, worker.log()[-3000:]
+        assert seconds < 20
+        assert '"message": "stopped cleanly' in worker.log(), worker.log()[-3000:]
+        assert d.delivery_statuses(settings, "one") == {"delivered": 2}
+        assert d.delivery_statuses(settings, "two") == {"pending": 2}
+        assert capture.terminate_timed()[0] == 0, capture.log()[-3000:]
+    finally:
+        print(f"capture's log:\n{capture.log()[-3000:]}\nworker's log:\n{worker.log()[-3000:]}")
+        worker.close()
+        capture.close()
+        for r in (first, second, moved):
+            r.close()
+
+
 def test_sinks_made_in_another_shell_are_served_while_it_runs(db: Database) -> None:
     """``pgherald sink add``, ``subscribe``, ``sink disable``, ``enable`` and ``remove`` in
     other processes while ``pgherald run`` runs: each takes effect within seconds, without

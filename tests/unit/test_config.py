@@ -73,6 +73,7 @@ def test_every_scalar_setting_has_an_environment_variable(
         "PGHERALD_BATCH_SIZE": "7",
         "PGHERALD_BATCH_INTERVAL": "1.5",
         "PGHERALD_LOG_LEVEL": "DEBUG",
+        "PGHERALD_DELIVERY_CONNECTIONS": "4",
     }
     settings = load_settings(env=env)
     assert settings == Settings(
@@ -84,6 +85,7 @@ def test_every_scalar_setting_has_an_environment_variable(
         batch_size=7,
         batch_interval=1.5,
         log_level="debug",
+        delivery_connections=4,
     )
 
 
@@ -135,6 +137,7 @@ snapshot = true
         ('batch_size = "many"\n', "whole number"),
         ("batch_size = true\n", "whole number"),
         ("batch_interval = -1\n", "between 0 and 3600"),
+        ("delivery_connections = 0\n", "delivery_connections must be at least 1"),
         ('log_level = "loud"\n', "must be one of debug"),
         ("schema = 5\n", "must be a string"),
         ('schema = ""\n', "must not be empty"),

@@ -304,6 +304,9 @@ class DeliveryEngine:
         self._types: TypeRegistry | None = None
         self._last_read: list[StoredSink] | None = None
         self._budget = _Budget(max(max_connections, 1))
+        # Sinks whose send outlasted the shutdown bound and was cancelled: the thread ends
+        # on time, but the stop was not clean, and the daemon must say so (exit 1).
+        self.cut_short: list[str] = []
 
     # -- running ---------------------------------------------------------------------------
 
@@ -314,6 +317,7 @@ class DeliveryEngine:
     async def run(self, stop: threading.Event) -> None:
         self._loop = asyncio.get_running_loop()
         self._halt.clear()
+        self.cut_short = []
         self._budget = _Budget(max(self.max_connections, 1))
         for name, (sink, cfg) in self.sinks.items():
             self._start_slot(name, sink, cfg)
@@ -331,7 +335,10 @@ class DeliveryEngine:
             # outlasts the shutdown bound is cancelled: its claim is released, unrecorded.
             self._stop_slots()
             if self._tasks:
-                await asyncio.wait(list(self._tasks), timeout=self.settings.shutdown_timeout)
+                _, late = await asyncio.wait(
+                    list(self._tasks), timeout=self.settings.shutdown_timeout
+                )
+                self.cut_short = sorted(t.get_name().removeprefix("deliver-") for t in late)
         finally:
             self._halt.set()
             self._stop_slots()
