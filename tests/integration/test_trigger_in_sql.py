@@ -110,7 +110,8 @@ def both_ways(db: Database, settings: Settings) -> tuple[Any, Any]:
     assert source.moved == source.moved_in_sql == queued[0]
     in_sql = log_rows(settings)
     with psycopg.connect(db.dsn, autocommit=True) as conn:
-        conn.execute("DELETE FROM pgherald.events")  # event_fields go with them
+        conn.execute("DELETE FROM pgherald.event_fields")
+        conn.execute("DELETE FROM pgherald.events")
         conn.execute("UPDATE pgherald.watches SET changes_seen = 0, status = 'new'")
         conn.execute("INSERT INTO pgherald.trigger_queue SELECT * FROM saved_queue")
         conn.execute("DROP TABLE saved_queue")

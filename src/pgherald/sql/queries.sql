@@ -487,6 +487,9 @@ INSERT INTO checkpoints (source, position, updated_at)
 VALUES (%(source)s, %(position)s, now())
 ON CONFLICT (source) DO UPDATE SET position = EXCLUDED.position, updated_at = EXCLUDED.updated_at
 
+-- name: delete_checkpoint
+DELETE FROM checkpoints WHERE source = %(source)s
+
 -- name: last_commit_time
 -- The newest event of each watch (by log order, on the (watch, id) index), latest commit.
 SELECT max(e.commit_time)

@@ -163,9 +163,14 @@ FROM events e
 WHERE e.id = ANY (%(ids)s::bigint[])
 
 -- name: delete_events
--- The events go; their field rows, deliveries and attempts go with them by the foreign
--- keys' cascades (which run per row whether or not there is anything to delete, so
--- deleting the children first would only add work).
+-- The events go, and with them their field rows and deliveries (they have no foreign keys
+-- to events: migration 11), each found by the index that leads with event_id; the
+-- deliveries' attempts go by their key's cascade.
+WITH fields AS (
+    DELETE FROM event_fields WHERE event_id = ANY (%(ids)s::bigint[])
+), sent AS (
+    DELETE FROM deliveries WHERE event_id = ANY (%(ids)s::bigint[])
+)
 DELETE FROM events WHERE id = ANY (%(ids)s::bigint[])
 
 -- name: count_unrouted

@@ -90,8 +90,10 @@ CREATE TABLE events (
     table_name text NOT NULL,
     row_key text,                                    -- JSON array of the key columns' texts
     key_columns text[] NOT NULL DEFAULT '{}',
-    shape_id integer REFERENCES shapes (id),         -- shape of new_values (of old_values if none)
-    old_shape_id integer REFERENCES shapes (id),     -- shape of old_values when it differs
+    -- Shapes are not checked by foreign keys (migration 10): they are stored before any
+    -- event names them, and never deleted.
+    shape_id integer,                                -- shape of new_values (of old_values if none)
+    old_shape_id integer,                            -- shape of old_values when it differs
     old_values text[],
     new_values text[],
     unchanged text[],                                -- new columns left as unchanged TOAST
@@ -118,8 +120,10 @@ CREATE INDEX events_snapshot_run_idx ON events (watch, position, id)
     WHERE method = 'snapshot';
 
 -- Field-level detail of updates: one row per changed column.
+-- event_id is not a foreign key (migration 11): field rows are written with their event,
+-- and pruning deletes them with it.
 CREATE TABLE event_fields (
-    event_id bigint NOT NULL REFERENCES events (id) ON DELETE CASCADE,
+    event_id bigint NOT NULL,
     column_name text NOT NULL,
     old_value text,
     new_value text,
@@ -159,7 +163,7 @@ CREATE INDEX subscriptions_watch_idx ON subscriptions (watch);
 
 CREATE TABLE deliveries (
     id bigserial PRIMARY KEY,
-    event_id bigint NOT NULL REFERENCES events (id) ON DELETE CASCADE,
+    event_id bigint NOT NULL,                         -- not a foreign key (migration 11)
     sink text NOT NULL REFERENCES sinks (name) ON DELETE CASCADE ON UPDATE CASCADE,
     status text NOT NULL DEFAULT 'pending'
         CHECK (status IN ('pending', 'delivering', 'delivered', 'failed', 'dead')),
@@ -324,4 +328,4 @@ CREATE TABLE web_secrets (
     created_at timestamptz NOT NULL DEFAULT now()
 );
 
-INSERT INTO schema_version (version) VALUES (9);
+INSERT INTO schema_version (version) VALUES (11);

@@ -1,4 +1,4 @@
--- Migration 10: a cheaper capture_change(), the trigger function of trigger watches, for
+-- Migration 9: a cheaper capture_change(), the trigger function of trigger watches, for
 -- the writers' sake (it runs once per changed row, in their transactions):
 --
 -- - The wake-up switch is an advisory lock that pgherald holds (on its LISTEN connection)
