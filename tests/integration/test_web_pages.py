@@ -142,6 +142,16 @@ def test_dashboard_shows_activity_and_errors(db: Database) -> None:
         assert "boom &lt;b&gt;" in staff
         detail = b.get("/watch?name=staff")
         assert "boom &lt;b&gt;" in detail and "Subscriptions" not in detail
+        assert '<dt>Keeps changes</dt><dd>forever <span class="muted">(no retain is set)' in detail
+
+    # how long a watch keeps its changes: its own retain, else the configuration's
+    db.execute("UPDATE pgherald.watches SET retain = '90d' WHERE name = 'orders'")
+    with console(settings.with_overrides(retain="400d")) as client:
+        b = sign_in(client, "vi")
+        assert "<dt>Keeps changes</dt><dd>for 90d</dd>" in b.get("/watch?name=orders")
+        staff_page = b.get("/watch?name=staff")
+        inherited = '<dd>for 400d <span class="muted">(the configuration&#39;s retain)</span>'
+        assert inherited in staff_page
 
 
 def test_subscriptions_and_deliveries(db: Database) -> None:

@@ -17,7 +17,7 @@ from typing import Any, Final
 
 from starlette.responses import RedirectResponse, Response
 
-from pgherald import admin, routing_admin, selfservice
+from pgherald import admin, retain, routing_admin, selfservice
 from pgherald.db.types import TypeRegistry
 from pgherald.errors import PgHeraldError
 from pgherald.events.model import OPERATIONS
@@ -170,6 +170,7 @@ def watch_detail(ctx: Ctx) -> Response:
         subscriptions=subs if ctx.viewer.can_edit else [],
         describe=describe_filter,
         schedule=Schedule.from_options(dict(w.options)),
+        retention=retain.effective(w.retain, ctx.settings.retain),
         fmt=_fmt(ctx),
         active="dashboard",
     )
