@@ -15,12 +15,13 @@ import subprocess
 import tempfile
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import psutil
 import psycopg
 from psycopg import sql
 
@@ -174,15 +175,25 @@ class Capturing:
     sink counts after each commit, so polling it costs no query.
     """
 
-    def __init__(self, db: BenchDB) -> None:
+    def __init__(
+        self,
+        db: BenchDB,
+        source: Any = None,
+        source_name: str | None = None,
+        thread_name: str = "pgherald-capture",
+    ) -> None:
+        """Logical capture by default; ``source`` (with its checkpoint's ``source_name``)
+        runs another, such as trigger capture."""
         self.db = db
-        self.source = app.build_logical_source(db.settings)
+        self.source: Any = source if source is not None else app.build_logical_source(db.settings)
         self.sink = app.ChangeLogSink(
-            db.settings.dsn, db.settings.schema, app.logical_source_name(db.settings)
+            db.settings.dsn,
+            db.settings.schema,
+            source_name or app.logical_source_name(db.settings),
         )
         self.stop = threading.Event()
         self.errors: list[BaseException] = []
-        self.thread = threading.Thread(target=self._run, name="pgherald-capture", daemon=True)
+        self.thread = threading.Thread(target=self._run, name=thread_name, daemon=True)
 
     def _run(self) -> None:
         try:
@@ -232,6 +243,50 @@ def drain_pgherald(db: BenchDB, expected: int) -> float:
     with capturing(db) as capture:
         done = capture.wait_stored(expected)
     return done - started
+
+
+class CpuMeter:
+    """CPU seconds (user + system) spent by the cluster's processes and by this thread.
+
+    The server's share is the postmaster's own time, its live children's, and that of the
+    children it already reaped (a backend that disconnected, a parallel worker), which
+    the kernel adds to the postmaster's ``children`` times. On a shared machine CPU time
+    moves less with the load than wall time does."""
+
+    def __init__(
+        self, cluster: EmbeddedCluster, client: Callable[[], float] = time.thread_time
+    ) -> None:
+        pid = int((cluster.datadir / "postmaster.pid").read_text().split()[0])
+        self.postmaster = psutil.Process(pid)
+        self._client = client
+
+    def server(self) -> float:
+        t = self.postmaster.cpu_times()
+        total = t.user + t.system + t.children_user + t.children_system
+        for child in self.postmaster.children(recursive=True):
+            try:
+                ct = child.cpu_times()
+            except psutil.NoSuchProcess:
+                continue
+            total += ct.user + ct.system
+        return float(total)
+
+    def client(self) -> float:
+        """By default this thread's: the run's, without an RSS sampler's thread (5 ms apart,
+        it costs about 1% of a core, more the longer a loaded machine makes the run);
+        ``time.process_time`` where the work runs in threads of its own (capture)."""
+        return self._client()
+
+    @contextmanager
+    def measuring(self) -> Iterator[dict[str, float]]:
+        out: dict[str, float] = {}
+        server, client = self.server(), self.client()
+        try:
+            yield out
+        finally:
+            time.sleep(0.2)  # let the postmaster reap a backend that just disconnected
+            out["server"] = self.server() - server
+            out["client"] = self.client() - client
 
 
 # -- references --------------------------------------------------------------------------

@@ -61,11 +61,16 @@ import aio_pika
 import aio_pika.abc
 import pamqp.exceptions
 import pamqp.frame
+import psutil
 from pamqp import commands
 
 from bench import _common as c
 from pgherald import app, routing_admin
 from pgherald.db.embedded import EmbeddedCluster
+from pgherald.db.types import TypeRegistry
+from pgherald.sinks.amqp import AmqpSink
+from pgherald.sinks.base import make_message
+from pgherald.store.changelog import ChangeLog, StoredEvent
 
 TARGET_RATE = 20_000
 TARGET_P50_MS = 15.0
@@ -284,10 +289,81 @@ def drain_pgherald(db: c.BenchDB, broker: Broker, rows: int, split: bool = False
     return Drained(done - started, stored_at - started, routed_at - started, broker.depth())
 
 
+@dataclass
+class Alone:
+    """The amqp sink alone: the same events already encoded, published in the engine's
+    batches with confirms and nothing else running; and RabbitMQ's CPU for them."""
+
+    rate: float
+    broker_us: float
+    """RabbitMQ's CPU per message (µs), all its threads."""
+    publisher_us: float
+    """This process's CPU per message (µs): framing, writing, confirms."""
+
+
+def _broker_process() -> psutil.Process | None:
+    for proc in psutil.process_iter(["name", "cmdline"]):
+        cmdline = " ".join(proc.info["cmdline"] or [])
+        if proc.info["name"] == "beam.smp" and "rabbit" in cmdline:
+            return proc
+    return None
+
+
+def sink_alone(db: c.BenchDB, url: str, batch_size: int = 500) -> Alone:
+    """How fast the amqp sink and RabbitMQ alone take the log's events: what end to end
+    delivery can at best reach on this machine, whatever capture, routing and the engine's
+    bookkeeping cost. The messages are made first (not timed), then sent as the engine
+    sends them: a batch, its confirms awaited, the next batch."""
+    with db.connect() as conn:
+        loader = TypeRegistry.load(conn)
+        stored: list[StoredEvent] = []
+        log = ChangeLog(conn, db.settings.schema)
+        while True:
+            got = log.read(after_id=stored[-1].id if stored else 0, limit=5000, loader=loader)
+            if not got:
+                break
+            stored.extend(got)
+    messages = [make_message(s.event, s.id, "pgherald", "pgherald") for s in stored]
+    exchange = f"pgherald-bench-alone-{uuid.uuid4().hex[:8]}"
+    broker = Broker(url, exchange, queue=True)
+    rabbit = _broker_process()
+
+    async def publish() -> tuple[float, float, float]:
+        sink = AmqpSink("alone", exchange, url=url)
+        await sink.start()
+        try:
+            me = psutil.Process()
+            cpu0 = rabbit.cpu_times() if rabbit else None
+            mine0 = me.cpu_times()
+            started = time.perf_counter()
+            for i in range(0, len(messages), batch_size):
+                outcomes = await sink.send(messages[i : i + batch_size])
+                assert all(o is None for o in outcomes), outcomes[:3]
+            took = time.perf_counter() - started
+            mine1 = me.cpu_times()
+            cpu1 = rabbit.cpu_times() if rabbit else None
+            broker_s = (
+                (cpu1.user + cpu1.system) - (cpu0.user + cpu0.system) if cpu0 and cpu1 else 0.0
+            )
+            mine_s = (mine1.user + mine1.system) - (mine0.user + mine0.system)
+            return took, broker_s, mine_s
+        finally:
+            await sink.close()
+
+    try:
+        took, broker_s, mine_s = asyncio.run(publish())
+        assert broker.depth() == len(messages), (broker.depth(), len(messages))
+    finally:
+        broker.close()
+    n = len(messages)
+    return Alone(n / took, broker_s / n * 1e6, mine_s / n * 1e6)
+
+
 def throughput(cluster: EmbeddedCluster, args: argparse.Namespace) -> tuple[float, float, float]:
     rows = args.rows
     ours: list[float] = []
     theirs: list[float] = []
+    sink_rates: list[float] = []
     for rep in range(args.repeat):
         db = c.bench_db(cluster, f"delivery_tp_{rep}")
         exchange = f"pgherald-bench-{uuid.uuid4().hex[:8]}"
@@ -309,6 +385,7 @@ def throughput(cluster: EmbeddedCluster, args: argparse.Namespace) -> tuple[floa
                     " FROM pgherald.deliveries"
                 ).fetchone()
             assert found is not None and found[0] == found[1] == rows, found
+            alone = sink_alone(db, args.amqp_url)
         finally:
             broker.close()
             db.drop()
@@ -322,6 +399,12 @@ def throughput(cluster: EmbeddedCluster, args: argparse.Namespace) -> tuple[floa
             f" {drained.routed_at:.2f}s{f'; {extra} duplicates' if extra else ''})"
             f" | ratio {t_ref / drained.seconds:.2f}"
         )
+        c.say(
+            f"    the amqp sink alone on the same {rows:,} events: {alone.rate:,.0f} events/s"
+            f" (RabbitMQ {alone.broker_us:.0f} µs CPU per message, the publisher"
+            f" {alone.publisher_us:.0f} µs)"
+        )
+        sink_rates.append(alone.rate)
     rate, ref = c.median(ours), c.median(theirs)
     ratio = c.median([o / t for o, t in zip(ours, theirs, strict=True)])
     verdict = "ok" if rate >= TARGET_RATE else "BELOW TARGET"
@@ -329,6 +412,10 @@ def throughput(cluster: EmbeddedCluster, args: argparse.Namespace) -> tuple[floa
         f"throughput ({rows:,} one-row transactions, median of {args.repeat}): pgherald"
         f" {rate:,.0f} events/s confirmed in RabbitMQ, pg_recvlogical {ref:,.0f} events/s,"
         f" median ratio {ratio:.2f}  [target >= {TARGET_RATE:,} events/s: {verdict}]"
+    )
+    c.say(
+        f"the amqp sink and RabbitMQ alone (median of {args.repeat}): {c.median(sink_rates):,.0f}"
+        " events/s, the ceiling of delivery to RabbitMQ on this machine"
     )
     return rate, ref, ratio
 
@@ -544,6 +631,43 @@ def reference_latency(db: c.BenchDB, rate: int, seconds: int) -> tuple[float, fl
     return percentile(measured, 0.5), percentile(measured, 0.99), result.tps
 
 
+STAGES = """
+WITH d AS (
+    SELECT e.commit_time AS c,
+           e.captured_at AS captured,
+           pg_xact_commit_timestamp(e.xmin) AS stored,
+           d.created_at AS routing,
+           a.attempted_at AS recording,
+           pg_xact_commit_timestamp(a.xmin) AS recorded
+    FROM pgherald.events e
+    JOIN pgherald.deliveries d ON d.event_id = e.id
+    JOIN pgherald.delivery_attempts a ON a.delivery_id = d.id
+    WHERE e.op = 'insert' AND e.commit_time > (SELECT min(commit_time) + interval '2 s'
+                                                FROM pgherald.events WHERE op = 'insert')
+)
+SELECT stage,
+       percentile_cont(0.5) WITHIN GROUP (ORDER BY ms),
+       percentile_cont(0.99) WITHIN GROUP (ORDER BY ms)
+FROM d, LATERAL (VALUES
+    (1, 'captured (read from the slot)', extract(epoch FROM captured - c) * 1000),
+    (2, 'stored (the change log committed)', extract(epoch FROM stored - c) * 1000),
+    (3, 'routing began (its transaction)', extract(epoch FROM routing - c) * 1000),
+    (4, 'recording began (sent and confirmed)', extract(epoch FROM recording - c) * 1000),
+    (5, 'recorded (the outcome committed)', extract(epoch FROM recorded - c) * 1000)
+) AS v(n, stage, ms)
+GROUP BY n, stage ORDER BY n
+"""
+
+
+def print_stages(db: c.BenchDB) -> None:
+    """Where an event's time goes, stage by stage: ms after its commit, from the store's own
+    timestamps (the cluster has track_commit_timestamp on)."""
+    with db.connect() as conn:
+        rows = conn.execute(STAGES).fetchall()
+    for stage, p50, p99 in rows:
+        c.say(f"    {stage:<40} p50 {p50:7.1f} ms  p99 {p99:7.1f} ms")
+
+
 def latency(cluster: EmbeddedCluster, args: argparse.Namespace) -> None:
     ours: list[tuple[float, float, float, int]] = []
     theirs: list[tuple[float, float, float]] = []
@@ -556,6 +680,8 @@ def latency(cluster: EmbeddedCluster, args: argparse.Namespace) -> None:
             ours.append(
                 pgherald_latency(db, args.amqp_url, exchange, args.rate, args.seconds, args.split)
             )
+            if args.stages:
+                print_stages(db)
             theirs.append(reference_latency(db, args.rate, args.seconds))
         finally:
             broker.close()
@@ -585,6 +711,12 @@ def main() -> None:
         return
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--part", choices=("throughput", "latency", "both"), default="both")
+    parser.add_argument(
+        "--stages",
+        action="store_true",
+        help="after each latency run, print when each stage of an event happened after its"
+        " commit (p50/p99, from the store's timestamps)",
+    )
     parser.add_argument("--rows", type=int, default=100_000)
     parser.add_argument("--rate", type=int, default=2000)
     parser.add_argument("--seconds", type=int, default=15)
@@ -603,7 +735,7 @@ def main() -> None:
         " before it confirms)",
     )
     args = parser.parse_args()
-    cluster = c.start_cluster()
+    cluster = c.start_cluster(track_commit_timestamp="on") if args.stages else c.start_cluster()
     try:
         where = (
             "capture here, routing and delivery in `pgherald deliver`"

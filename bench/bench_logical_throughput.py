@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
@@ -38,6 +39,9 @@ def one_case(cluster: EmbeddedCluster, case: str, rows: int, repeat: int) -> Non
     statement = c.SINGLE_ROW_TRANSACTIONS if case == "single" else c.ONE_TRANSACTION
     ours: list[float] = []
     theirs: list[float] = []
+    server_us: list[float] = []
+    client_us: list[float] = []
+    meter = c.CpuMeter(cluster, client=time.process_time)
     for rep in range(repeat):
         db = c.bench_db(cluster, f"throughput_{case}_{rep}")
         try:
@@ -46,18 +50,21 @@ def one_case(cluster: EmbeddedCluster, case: str, rows: int, repeat: int) -> Non
             end = db.wal_lsn()
             if rep % 2 == 0:
                 t_ref = c.drain_pg_recvlogical(db, end)
+            with meter.measuring() as cpu:
                 t_ours = c.drain_pgherald(db, rows)
-            else:
-                t_ours = c.drain_pgherald(db, rows)
+            if rep % 2 == 1:
                 t_ref = c.drain_pg_recvlogical(db, end)
         finally:
             db.drop()
         ours.append(rows / t_ours)
         theirs.append(rows / t_ref)
+        server_us.append(cpu["server"] / rows * 1e6)
+        client_us.append(cpu["client"] / rows * 1e6)
         c.say(
             f"  {case} #{rep + 1}: workload {made:5.1f}s | pg_recvlogical {rows / t_ref:9,.0f}"
             f" rows/s | pgherald stored {rows / t_ours:9,.0f} rows/s"
-            f" | ratio {t_ref / t_ours:.2f}"
+            f" | ratio {t_ref / t_ours:.2f} | CPU per row: server {server_us[-1]:.1f} us"
+            f" (walsender and store), pgherald {client_us[-1]:.1f} us"
         )
     rate, ref = c.median(ours), c.median(theirs)
     # Within each repetition, then the median: other load drifts between repetitions.
@@ -66,7 +73,9 @@ def one_case(cluster: EmbeddedCluster, case: str, rows: int, repeat: int) -> Non
     c.say(
         f"{case:6} ({rows:,} rows, median of {repeat}): pgherald {rate:,.0f} rows/s stored,"
         f" pg_recvlogical {ref:,.0f} rows/s, median ratio {ratio:.2f}"
-        f"  [target >= {TARGET_RATE:,} rows/s and >= {TARGET_RATIO}: {verdict}]"
+        f"  [target >= {TARGET_RATE:,} rows/s and >= {TARGET_RATIO}: {verdict}];"
+        f" CPU per row: server {c.median(server_us):.1f} us, pgherald"
+        f" {c.median(client_us):.1f} us"
     )
 
 

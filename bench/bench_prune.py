@@ -11,8 +11,8 @@ every 2 ms) and notes each append's latency:
 - ``batched``: ``pruning.prune``, exactly what ``pgherald prune`` and the daemon's job do
   (1,000 events per transaction by default, ``--batch-size``);
 - ``one DELETE``: on the second database, the same events by one statement per watch
-  (older than the cutoff, no open delivery), field rows, deliveries and attempts by the
-  foreign keys' cascades: the simplest thing, one long transaction;
+  (older than the cutoff, no open delivery) with their field rows and deliveries, the
+  attempts by their key's cascade: the simplest thing, one long transaction;
 - ``partition drop``: on a third database, the events copied into a table
   partitioned by month (``captured_at``, same indexes), then the partitions wholly older
   than 90 days detached and dropped; and, because every lookup of a row's latest version
@@ -124,10 +124,18 @@ def idle_writer(dsn: str, seconds: float = 5.0) -> list[float]:
 
 
 ONE_DELETE = """
-DELETE FROM pgherald.events e
-WHERE e.watch = %(watch)s AND e.captured_at < %(cutoff)s
-  AND NOT EXISTS (SELECT FROM pgherald.deliveries d
-                  WHERE d.event_id = e.id AND d.status IN ('pending', 'delivering', 'failed'))
+WITH doomed AS (
+    DELETE FROM pgherald.events e
+    WHERE e.watch = %(watch)s AND e.captured_at < %(cutoff)s
+      AND NOT EXISTS (SELECT FROM pgherald.deliveries d
+                      WHERE d.event_id = e.id AND d.status IN ('pending', 'delivering', 'failed'))
+    RETURNING e.id
+), fields AS (
+    DELETE FROM pgherald.event_fields f USING doomed WHERE f.event_id = doomed.id
+), sent AS (
+    DELETE FROM pgherald.deliveries d USING doomed WHERE d.event_id = doomed.id
+)
+SELECT count(*) FROM doomed
 """
 
 
@@ -136,10 +144,10 @@ def one_delete(dsn: str) -> int:
     deleted = 0
     with psycopg.connect(dsn) as conn:  # one transaction
         for watch, days in cutoffs.items():
-            cur = conn.execute(
+            row = conn.execute(
                 ONE_DELETE.encode(), {"watch": watch, "cutoff": NOW - timedelta(days=days)}
-            )
-            deleted += cur.rowcount
+            ).fetchone()
+            deleted += row[0] if row else 0
         conn.commit()
     return deleted
 

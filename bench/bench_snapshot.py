@@ -139,46 +139,6 @@ def prepare(cluster: EmbeddedCluster, name: str, rows: int) -> Prepared:
     return Prepared(cluster, name, settings, baseline_seconds)
 
 
-class CpuMeter:
-    """CPU seconds (user + system) spent by the cluster's processes and by this thread.
-
-    The server's share is the postmaster's own time, its live children's, and that of the
-    children it already reaped (a backend that disconnected, a parallel worker), which
-    the kernel adds to the postmaster's ``children`` times. On a shared machine CPU time
-    moves less with the load than wall time does."""
-
-    def __init__(self, cluster: EmbeddedCluster) -> None:
-        pid = int((cluster.datadir / "postmaster.pid").read_text().split()[0])
-        self.postmaster = psutil.Process(pid)
-
-    def server(self) -> float:
-        t = self.postmaster.cpu_times()
-        total = t.user + t.system + t.children_user + t.children_system
-        for child in self.postmaster.children(recursive=True):
-            try:
-                ct = child.cpu_times()
-            except psutil.NoSuchProcess:
-                continue
-            total += ct.user + ct.system
-        return float(total)
-
-    def client(self) -> float:
-        """This thread's: the run's, without the RSS sampler's thread (5 ms apart, it costs
-        about 1% of a core, more the longer a loaded machine makes the run)."""
-        return time.thread_time()
-
-    @contextmanager
-    def measuring(self) -> Iterator[dict[str, float]]:
-        out: dict[str, float] = {}
-        server, client = self.server(), self.client()
-        try:
-            yield out
-        finally:
-            time.sleep(0.2)  # let the postmaster reap a backend that just disconnected
-            out["server"] = self.server() - server
-            out["client"] = self.client() - client
-
-
 class PeakRss:
     """The largest resident size of this process while the block runs, sampled every 5 ms."""
 
@@ -226,7 +186,7 @@ class Timed:
         return self.server_cpu + self.client_cpu
 
 
-def run_pgherald(db: Prepared, rows: int, meter: CpuMeter) -> Timed:
+def run_pgherald(db: Prepared, rows: int, meter: c.CpuMeter) -> Timed:
     """One full run, as ``pgherald snapshot run`` does it, timed step by step."""
     memory = PeakRss()
     wal_before = wal_lsn(db)
@@ -260,7 +220,7 @@ def wal_since(db: Prepared, lsn: str) -> float:
     return float(row[0]) / 2**20
 
 
-def run_floor(db: Prepared, rows: int, meter: CpuMeter) -> Timed:
+def run_floor(db: Prepared, rows: int, meter: c.CpuMeter) -> Timed:
     with meter.measuring() as cpu:
         with db.connect() as conn:
             started = time.perf_counter()
@@ -425,7 +385,7 @@ def main() -> None:
     rows = args.rows - args.rows % 200
     changes = rows // 50
     cluster = c.start_cluster()
-    meter = CpuMeter(cluster)
+    meter = c.CpuMeter(cluster)
     try:
         herald: list[Timed] = []
         floor: list[Timed] = []

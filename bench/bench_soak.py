@@ -27,8 +27,10 @@ What it proves, and how:
   idempotency key (the event id): lost rows, duplicate deliveries of one key and rows that
   arrived under more than one key are counted separately. Then a table of the samples and
   a verdict: RSS growth from the first minute to the last (flat = less than 20 MB or
-  less than 10 %), open connections and fds max - min, lag max, lost = 0. The exit status
-  is 1 when anything was lost (or the daemon died), else 0.
+  less than 10 %), open connections and fds max - min, capture lag max, delivery kept up
+  (each sink's commit-to-delivered median under 5 s in every window of the load's last
+  minute), lost = 0. The exit status is 1 when anything was lost, delivery fell behind
+  or the daemon died, else 0.
 
 Run: ``.venv/bin/python bench/bench_soak.py [--minutes 10] [--rate 2000] [--poll-every 5]
 [--drain-timeout 900] [--amqp-url URL]``. RabbitMQ must listen on 127.0.0.1:5672
@@ -75,6 +77,7 @@ SAMPLE_EVERY = 10.0
 USER, PASSWORD = "soak", "soak-password-0123"
 RSS_FLAT_BYTES = 20 << 20
 RSS_FLAT_RATIO = 0.10
+DELIVERY_BEHIND_MS = 5_000.0
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -281,22 +284,33 @@ class ReceiverProcess:
 
 
 class DaemonProcess:
-    """``pgherald run --web --http`` as a subprocess; its stderr to a file."""
+    """``pgherald run --web --http`` as a subprocess; its stderr to a file. With
+    ``workers``, delivery runs apart, as docs/explanation/scaling.md describes: ``run
+    --no-delivery`` captures and serves, and one ``pgherald deliver --sink NAME`` per name
+    routes and delivers (each its own interpreter); all of them count as the daemon."""
 
-    def __init__(self, dsn: str, web: int, http: int) -> None:
+    def __init__(self, dsn: str, web: int, http: int, workers: tuple[str, ...] = ()) -> None:
         self.log = Path(tempfile.mkstemp(prefix="pgherald-soak-", suffix=".log")[1])
         env = {k: v for k, v in os.environ.items() if not k.startswith(("PG", "PGHERALD_"))}
         command = [str(PGHERALD), "--dsn", dsn, "--log-level", "warning", "run"]
         command += ["--web", f"127.0.0.1:{web}", "--http", f"127.0.0.1:{http}"]
+        if workers:
+            command.append("--no-delivery")
+        self.procs: list[subprocess.Popen[bytes]] = []
         with self.log.open("w") as out:
-            self.proc = subprocess.Popen(command, stdout=out, stderr=out, env=env)
-        self.ps = psutil.Process(self.proc.pid)
+            self.procs.append(subprocess.Popen(command, stdout=out, stderr=out, env=env))
+            for sink in workers:
+                deliver = [str(PGHERALD), "--dsn", dsn, "--log-level", "warning", "deliver"]
+                deliver += ["--sink", sink]
+                self.procs.append(subprocess.Popen(deliver, stdout=out, stderr=out, env=env))
+        self.proc = self.procs[0]
+        self.ps = [psutil.Process(p.pid) for p in self.procs]
 
     def alive(self) -> bool:
-        return self.proc.poll() is None
+        return all(p.poll() is None for p in self.procs)
 
     def processes(self) -> list[psutil.Process]:
-        return [self.ps, *self.ps.children(recursive=True)]
+        return [q for p in self.ps for q in (p, *p.children(recursive=True))]
 
     def rss(self) -> int:
         return sum(p.memory_info().rss for p in self.processes())
@@ -320,14 +334,17 @@ class DaemonProcess:
         return self.log.read_text(errors="replace")[-chars:]
 
     def stop(self) -> int:
-        if self.alive():
-            self.proc.send_signal(signal.SIGTERM)
+        """SIGTERM to all; the worst exit status."""
+        for p in self.procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        for p in self.procs:
             try:
-                self.proc.wait(120)
+                p.wait(120)
             except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        return int(self.proc.returncode)
+                p.kill()
+                p.wait()
+        return max(int(p.returncode) for p in self.procs)
 
 
 PROGRESS = re.compile(r"progress: ([\d.]+) s, ([\d.]+) tps")
@@ -550,13 +567,20 @@ def wait_until(condition: Callable[[], bool], timeout: float, what: str) -> bool
 
 def soak(args: argparse.Namespace) -> int:
     seconds = int(args.minutes * 60)
-    cluster = c.start_cluster()
+    cluster = (
+        c.start_cluster(shared_preload_libraries="pg_stat_statements")
+        if args.pg_stats
+        else c.start_cluster()
+    )
     receivers: dict[str, ReceiverProcess] = {}
     daemon: DaemonProcess | None = None
     broker: Broker | None = None
     db: c.BenchDB | None = None
     try:
         db = c.bench_db(cluster, "soak")
+        if args.pg_stats:
+            with db.connect() as conn:
+                conn.execute("CREATE EXTENSION pg_stat_statements")
         exchange = f"pgherald-soak-{uuid.uuid4().hex[:8]}"
         broker = Broker(args.amqp_url, exchange, queue=False)  # the consumer binds its queue
         receivers["amqp"] = ReceiverProcess("amqp", "--consume-amqp", args.amqp_url, exchange)
@@ -573,7 +597,8 @@ def soak(args: argparse.Namespace) -> int:
 
         web_port, http_port = free_port(), free_port()
         web, http = f"http://127.0.0.1:{web_port}", f"http://127.0.0.1:{http_port}"
-        daemon = DaemonProcess(db.dsn, web_port, http_port)
+        workers = ("rabbit", "hook") if args.workers else ()
+        daemon = DaemonProcess(db.dsn, web_port, http_port, workers)
 
         def ready() -> bool:
             assert daemon is not None
@@ -592,7 +617,9 @@ def soak(args: argparse.Namespace) -> int:
 
         c.say(
             f"PostgreSQL {cluster.version}; pgherald run (pid {daemon.proc.pid}) --web :{web_port}"
-            f" --http :{http_port}; sinks amqp (RabbitMQ) and webhook; pgbench --rate"
+            f" --http :{http_port}"
+            f"{' --no-delivery, and one pgherald deliver --sink per sink' if workers else ''};"
+            f" sinks amqp (RabbitMQ) and webhook; pgbench --rate"
             f" {args.rate} for {seconds}s ({CLIENTS} clients); webhook"
             f" {'batch = true' if args.webhook_batch else 'one POST per event'};"
             f" console polled every {args.poll_every:g}s"
@@ -650,6 +677,8 @@ def soak(args: argparse.Namespace) -> int:
                 (db.name,),
             ).fetchall()
         results = {name: check(committed, r.collect()) for name, r in receivers.items()}
+        if args.pg_stats:
+            print_statements(db)
         status = daemon.stop()
         return report(
             args, samples, results, len(committed), achieved, load_seconds, drain_ok,
@@ -668,6 +697,23 @@ def soak(args: argparse.Namespace) -> int:
             with contextlib.suppress(Exception):
                 db.drop()
         cluster.stop()
+
+
+def print_statements(db: c.BenchDB, top: int = 15) -> None:
+    """The statements that took the server longest over the whole run
+    (``pg_stat_statements``): where the database's share of the time went."""
+    with db.connect() as conn:
+        rows = conn.execute(
+            "SELECT calls, total_exec_time, mean_exec_time, rows,"
+            " regexp_replace(query, '\\s+', ' ', 'g')"
+            " FROM pg_stat_statements WHERE dbid = (SELECT oid FROM pg_database"
+            " WHERE datname = current_database()) ORDER BY total_exec_time DESC LIMIT %s",
+            (top,),
+        ).fetchall()
+    c.say("statements by the server's total time (pg_stat_statements):")
+    c.say(f"{'calls':>9} {'total s':>8} {'mean ms':>8} {'rows':>9}  query")
+    for calls, total, mean, n, text in rows:
+        c.say(f"{calls:9,d} {total / 1000:8.1f} {mean:8.2f} {n:9,d}  {text[:110]}")
 
 
 def report(
@@ -743,17 +789,27 @@ def report(
             f" {r.duplicates}, rows under more than one key {r.rekeyed}, never-committed"
             f" rows {r.unexpected}"
         )
+    # Delivery kept up when, over the load's last minute, each sink's commit-to-delivered
+    # median stayed under DELIVERY_BEHIND_MS: a backlog that grew and was not worked off
+    # by the end is a delivery lag that is not bounded, whatever the capture lag says.
+    final = [x for x in during if x.at > during[-1].at - 60] or during
+    worst = max(max(x.amqp["p50"], x.hook["p50"]) for x in final)
+    kept_up = worst < DELIVERY_BEHIND_MS
+    c.say(
+        f"delivery over the load's last minute: worst window p50 {worst:,.0f} ms"
+        f" [kept up = < {DELIVERY_BEHIND_MS:,.0f} ms: {'yes' if kept_up else 'NO, BEHIND'}]"
+    )
     verdict = (
         "ok"
-        if lost == 0 and flat and drain_ok and status == 0
+        if lost == 0 and flat and kept_up and drain_ok and status == 0
         else "NOT OK" + (f" (lost {lost})" if lost else "")
     )
     c.say(
         f"verdict: lost {lost}; RSS {'flat' if flat else 'growing'}; connections max - min"
-        f" {max(conns) - min(conns)}; lag max {lag_max / 1024:,.1f} kB; daemon exit {status}"
-        f" -> {verdict}"
+        f" {max(conns) - min(conns)}; capture lag max {lag_max / 1024:,.1f} kB; delivery"
+        f" {'kept up' if kept_up else 'behind'}; daemon exit {status} -> {verdict}"
     )
-    return 1 if lost or status != 0 or not drain_ok else 0
+    return 1 if lost or status != 0 or not drain_ok or not kept_up else 0
 
 
 def main() -> None:
@@ -774,6 +830,18 @@ def main() -> None:
         action="store_true",
         help="the webhook sink posts each batch as one JSON array (option batch = true)"
         " instead of one POST per event",
+    )
+    parser.add_argument(
+        "--pg-stats",
+        action="store_true",
+        help="load pg_stat_statements in the cluster and print the statements that took the"
+        " server longest",
+    )
+    parser.add_argument(
+        "--workers",
+        action="store_true",
+        help="deliver in one `pgherald deliver --sink NAME` process per sink beside"
+        " `pgherald run --no-delivery` (docs/explanation/scaling.md) instead of in the daemon",
     )
     args = parser.parse_args()
     sys.exit(soak(args))

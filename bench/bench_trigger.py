@@ -189,62 +189,26 @@ def rows_in(db: c.BenchDB, table: str) -> int:
 # -- pgherald draining in-process ------------------------------------------------------
 
 
-class Draining:
+class Draining(c.Capturing):
     """pgherald's trigger capture of ``db`` in a thread, as ``pgherald run`` wires it;
     ``busy_poll`` (seconds) replaces ``TriggerSettings.busy_poll`` to try other values."""
 
     busy_poll: float | None = None
 
     def __init__(self, db: c.BenchDB) -> None:
-        self.db = db
-        self.source = app.build_trigger_source(db.settings)
+        source = app.build_trigger_source(db.settings)
         if self.busy_poll is not None:
-            self.source.settings = dataclasses.replace(
-                self.source.settings, busy_poll=self.busy_poll
-            )
-        self.sink = app.ChangeLogSink(
-            db.settings.dsn, db.settings.schema, app.trigger_source_name(db.settings)
-        )
-        self.stop = threading.Event()
-        self.errors: list[BaseException] = []
-        self.thread = threading.Thread(target=self._run, name="pgherald-trigger", daemon=True)
-
-    def _run(self) -> None:
-        try:
-            self.source.run(self.sink, self.stop)
-        except BaseException as e:
-            self.errors.append(e)
-            self.stop.set()
+            source.settings = dataclasses.replace(source.settings, busy_poll=self.busy_poll)
+        super().__init__(db, source, app.trigger_source_name(db.settings), "pgherald-trigger")
 
     def start(self) -> Draining:
-        self.thread.start()
+        super().start()
         deadline = time.monotonic() + 30
         while not self.source.connected.wait(0.05):
             self.stored()
             if time.monotonic() > deadline:
                 raise TimeoutError("capture did not start")
         return self
-
-    def stored(self) -> int:
-        if self.errors:
-            raise RuntimeError(f"capture failed: {self.errors[0]!r}") from self.errors[0]
-        return self.sink.stored_events
-
-    def wait_stored(self, count: int, timeout: float = 300.0) -> float:
-        """Waits until ``count`` events are stored; returns the perf_counter time then."""
-        deadline = time.monotonic() + timeout
-        while self.stored() < count:
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"only {self.stored()} of {count} events stored in time")
-            time.sleep(0.002)
-        return time.perf_counter()
-
-    def close(self) -> None:
-        self.stop.set()
-        self.thread.join(60)
-        self.sink.close()
-        if self.errors:
-            raise RuntimeError(f"capture failed: {self.errors[0]!r}") from self.errors[0]
 
 
 @contextmanager

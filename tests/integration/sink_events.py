@@ -3,8 +3,11 @@
 
 from __future__ import annotations
 
+import asyncio
+import uuid
+from collections.abc import Coroutine
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 from pgherald.events import ChangeEvent, Operation, RowImage
 from pgherald.events.formats import Format
@@ -68,3 +71,21 @@ def message(event: ChangeEvent, fmt: Format = "pgherald", log_id: int | None = N
 
 def messages(events: list[ChangeEvent], fmt: Format = "pgherald") -> list[Message]:
     return [message(e, fmt) for e in events]
+
+
+T = TypeVar("T")
+
+
+def run(coro: Coroutine[Any, Any, T], seconds: float = 60) -> T:
+    """Runs a sink's coroutine to its end, failing after ``seconds`` rather than hanging."""
+
+    async def bounded() -> T:
+        async with asyncio.timeout(seconds):
+            return await coro
+
+    return asyncio.run(bounded())
+
+
+def unique(what: str) -> str:
+    """A name no other test run uses (exchanges, queues, streams on the shared brokers)."""
+    return f"pgherald-test-{what}-{uuid.uuid4().hex[:10]}"

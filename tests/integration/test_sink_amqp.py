@@ -11,10 +11,9 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-import uuid
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any, TypeVar
+from typing import Any
 
 import aio_pika
 import aio_pika.abc
@@ -25,23 +24,10 @@ from pgherald.events import Operation
 from pgherald.events.formats import FORMATS, Format, to_format
 from pgherald.sinks.amqp import AmqpSink, from_config, routing_key_of
 from pgherald.sinks.base import IDEMPOTENCY_HEADER, Message, SinkConfig
-from tests.integration.sink_events import change, message, messages
+from tests.integration.sink_events import change, message, messages, run, unique
 from tests.tcp_proxy import TcpProxy
 
 URL = "amqp://guest:guest@127.0.0.1:5672/"
-T = TypeVar("T")
-
-
-def run(coro: Coroutine[Any, Any, T], seconds: float = 60) -> T:
-    async def bounded() -> T:
-        async with asyncio.timeout(seconds):
-            return await coro
-
-    return asyncio.run(bounded())
-
-
-def unique(what: str) -> str:
-    return f"pgherald-test-{what}-{uuid.uuid4().hex[:10]}"
 
 
 async def broker() -> aio_pika.abc.AbstractConnection:

@@ -3,8 +3,8 @@ batch of many messages written as one buffer, arrive whole and in order."""
 
 from __future__ import annotations
 
-from tests.integration.sink_events import change, message, messages
-from tests.integration.test_sink_amqp import exchange, run, sink_for, started
+from tests.integration.sink_events import change, message, messages, run
+from tests.integration.test_sink_amqp import exchange, sink_for, started
 
 
 def test_a_body_larger_than_a_frame_arrives_whole() -> None:

@@ -14,11 +14,10 @@ import shutil
 import socket
 import subprocess
 import time
-import uuid
-from collections.abc import AsyncIterator, Coroutine, Iterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any
 from urllib.parse import unquote
 
 import nats
@@ -34,23 +33,10 @@ from pgherald.events import Operation
 from pgherald.events.formats import FORMATS, Format, to_format
 from pgherald.sinks.base import IDEMPOTENCY_HEADER, SinkConfig
 from pgherald.sinks.nats import NatsSink, from_config, subject_token
-from tests.integration.sink_events import change, message, messages
+from tests.integration.sink_events import change, message, messages, run, unique
 from tests.tcp_proxy import TcpProxy
 
 SERVER = "nats://127.0.0.1:4222"
-T = TypeVar("T")
-
-
-def run(coro: Coroutine[Any, Any, T], seconds: float = 60) -> T:
-    async def bounded() -> T:
-        async with asyncio.timeout(seconds):
-            return await coro
-
-    return asyncio.run(bounded())
-
-
-def unique(what: str) -> str:
-    return f"pgherald-test-{what}-{uuid.uuid4().hex[:10]}"
 
 
 @dataclass
