@@ -22,7 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -290,11 +290,15 @@ def catch_up(
     settings: Settings,
     timeout: float = 60.0,
     alive: Any = None,
+    log: Callable[[], str] | None = None,
 ) -> None:
     """Waits until capture stored everything committed before this call.
 
     ``alive`` is a callable returning a failure text when the capture that should be
     catching up is gone (so a dead capture fails fast with its reason, not by timeout).
+    A capture that is alive but stuck fails by timeout, saying what the database's
+    sessions were doing and, given ``log``, the tail of what the capture logged: a rare
+    hang on a busy CI machine must be diagnosable from its one failure.
     """
     key = write_sentinel(settings.dsn)
     deadline = time.monotonic() + timeout
@@ -311,7 +315,34 @@ def catch_up(
                 if problem:
                     raise AssertionError(f"capture stopped while catching up: {problem}")
             time.sleep(0.05)
-    raise AssertionError(f"capture did not store sentinel {key} within {timeout}s")
+    said = f"\n-- its log:\n{log()[-4000:]}" if log is not None else ""
+    raise AssertionError(
+        f"capture did not store sentinel {key} within {timeout}s;"
+        f" the database's sessions:\n{sessions(settings)}{said}"
+    )
+
+
+def sessions(settings: Settings) -> str:
+    """What each session of the database is doing, and the locks it holds or waits for:
+    the first thing to look at when capture stops moving."""
+    with psycopg.connect(settings.dsn, autocommit=True) as conn:
+        rows = conn.execute(
+            "SELECT a.pid, a.application_name, a.state, a.wait_event_type, a.wait_event,"
+            " now() - a.backend_start, now() - a.xact_start, left(a.query, 160),"
+            " (SELECT string_agg(l.locktype || ':' || l.mode || CASE WHEN l.granted"
+            "   THEN '' ELSE ' (waiting)' END || coalesce(':' || l.objid::text, ''), ', ')"
+            "  FROM pg_locks l WHERE l.pid = a.pid AND l.locktype <> 'virtualxid')"
+            " FROM pg_stat_activity a WHERE a.datname = current_database()"
+            " AND a.pid <> pg_backend_pid() ORDER BY a.backend_start"
+        ).fetchall()
+        queued = conn.execute(
+            sql.SQL("SELECT count(*) FROM {}").format(
+                sql.Identifier(settings.schema, "trigger_queue")
+            )
+        ).fetchone()
+    lines = [" | ".join("" if v is None else str(v) for v in r) for r in rows]
+    lines.append(f"trigger queue rows: {queued[0] if queued else '?'}")
+    return "\n".join(lines)
 
 
 def capture_problem(capture: app.Capture) -> str | None:

@@ -156,7 +156,12 @@ def test_sigterm_mid_workload_loses_and_duplicates_nothing(db_primary: Database)
         stream.finish(SECONDS + 60)
         ledger.join(SECONDS + 60)
         assert ledger.error is None, ledger.error
-        h.catch_up(settings, timeout=120, alive=lambda: None if daemon.alive() else daemon.log())
+        h.catch_up(
+            settings,
+            timeout=120,
+            alive=lambda: None if daemon.alive() else daemon.log(),
+            log=daemon.log,
+        )
         # keyed by watch and row: the two tables have rows with the same key
         truth_events = {
             key: d.Logged(logged.log_id, f"{watch}:{logged.row}")

@@ -309,7 +309,9 @@ def test_replica_equals_its_source_after_a_mixed_workload_with_kills(
             if w.error is not None:
                 raise w.error
         workload_done = time.monotonic()
-        h.catch_up(settings, timeout=60, alive=lambda: None if proc.alive() else proc.log())
+        h.catch_up(
+            settings, timeout=60, alive=lambda: None if proc.alive() else proc.log(), log=proc.log
+        )
         d.wait_for(
             lambda: d.open_deliveries(settings) == 0,
             60,

@@ -686,7 +686,7 @@ def test_an_in_process_capture_stands_by_while_a_daemon_leads(
             f"standby (held by pid {daemon.pid} on host"
         ), capture.leadership.status()
         db_primary.execute("INSERT INTO fo_api VALUES (1)")
-        h.catch_up(settings, alive=lambda: None if daemon.alive() else daemon.log())
+        h.catch_up(settings, alive=lambda: None if daemon.alive() else daemon.log(), log=daemon.log)
         assert daemon.stop() == 0, daemon.log()[-3000:]
         wait_until(
             lambda: capture.trigger is not None and capture.trigger.connected.is_set(),

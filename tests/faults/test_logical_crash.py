@@ -302,7 +302,9 @@ def test_sigkill_at_random_moments_loses_and_duplicates_nothing(db_primary: Data
         wait_writers(writers, 240, lambda: None)
         workload_done = time.monotonic()
         proc.start()
-        h.catch_up(settings, timeout=180, alive=lambda: None if proc.alive() else proc.log())
+        h.catch_up(
+            settings, timeout=180, alive=lambda: None if proc.alive() else proc.log(), log=proc.log
+        )
         caught_up = time.monotonic()
         assert proc.stop() == 0, proc.log()[-3000:]
         events = h.stored_events(settings)
@@ -349,7 +351,9 @@ def test_postgresql_restart_mid_stream_loses_and_duplicates_nothing(
         wait_writers(writers, 240, restart_when_due)
         assert restarts == 5
         workload_done = time.monotonic()
-        h.catch_up(settings, timeout=120, alive=lambda: None if proc.alive() else proc.log())
+        h.catch_up(
+            settings, timeout=120, alive=lambda: None if proc.alive() else proc.log(), log=proc.log
+        )
         assert proc.stop() == 0, proc.log()[-3000:]
         events = h.stored_events(settings)
         try:

@@ -51,7 +51,9 @@ def test_million_row_transaction_streams_through_with_bounded_memory(
             )
         assert xid_row is not None
         inserted = time.monotonic()
-        h.catch_up(settings, timeout=400, alive=lambda: None if proc.alive() else proc.log())
+        h.catch_up(
+            settings, timeout=400, alive=lambda: None if proc.alive() else proc.log(), log=proc.log
+        )
         stored_at = time.monotonic()
         peak_mb = peak_rss_mb(proc.pid)
         assert proc.stop() == 0, proc.log()[-3000:]

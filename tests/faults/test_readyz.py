@@ -77,7 +77,12 @@ def test_readyz_follows_the_database(private_cluster: EmbeddedCluster) -> None:
         # And it captures again.
         with psycopg.connect(dsn, autocommit=True) as conn:
             conn.execute("INSERT INTO t VALUES (1)")
-        h.catch_up(settings, timeout=120, alive=lambda: None if daemon.alive() else daemon.log())
+        h.catch_up(
+            settings,
+            timeout=120,
+            alive=lambda: None if daemon.alive() else daemon.log(),
+            log=daemon.log,
+        )
     except BaseException:
         print(daemon.log()[-5000:])
         raise

@@ -431,7 +431,12 @@ def test_sigkill_of_the_drainer_at_random_moments_loses_and_duplicates_nothing(
         workload_done = time.monotonic()
         assert journal.changes >= TOTAL_CHANGES
         proc.start()
-        h.catch_up(settings, timeout=60, alive=lambda: None if proc.alive() else proc.log())
+        h.catch_up(
+            settings,
+            timeout=60,
+            alive=lambda: None if proc.alive() else proc.log(),
+            log=proc.log,
+        )
         caught_up = time.monotonic()
         assert proc.stop() == 0, proc.log()[-3000:]
         assert queue_depth(settings) == 0, "the queue is not empty"

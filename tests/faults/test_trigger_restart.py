@@ -293,7 +293,9 @@ def test_postgresql_restarts_under_trigger_capture_lose_and_duplicate_nothing(
         check_writers(writers)
         workload_done = time.monotonic()
         assert journal.changes >= TOTAL_CHANGES
-        h.catch_up(settings, timeout=30, alive=lambda: None if proc.alive() else proc.log())
+        h.catch_up(
+            settings, timeout=30, alive=lambda: None if proc.alive() else proc.log(), log=proc.log
+        )
         caught_up = time.monotonic()
         assert proc.alive() and proc.starts == 1
         assert proc.stop() == 0, proc.log()[-3000:]
@@ -446,7 +448,7 @@ def terminate_while(
     """Terminates the drainer's backend of ``application`` while it idles or is busy; returns
     once a new one is there and capture has caught up with what came meanwhile."""
     if state == "idle":
-        h.catch_up(settings, alive=lambda: None if proc.alive() else proc.log())
+        h.catch_up(settings, alive=lambda: None if proc.alive() else proc.log(), log=proc.log)
         wait_for("idle", lambda: armed(watcher, settings), proc, 10)
         at = terminate(watcher, application)
     else:
@@ -470,7 +472,9 @@ def terminate_while(
             trickle.join(10)
         if trickle.error is not None:
             raise trickle.error
-    h.catch_up(settings, timeout=20, alive=lambda: None if proc.alive() else proc.log())
+    h.catch_up(
+        settings, timeout=20, alive=lambda: None if proc.alive() else proc.log(), log=proc.log
+    )
     wait_back(watcher, application, at, proc, 10)
     assert proc.alive()
 
