@@ -499,8 +499,9 @@ class Capture:
 
     @property
     def errors(self) -> list[BaseException]:
-        """What ended a source thread (empty while all run)."""
-        return [t.error for t in self.threads if t.error is not None]
+        """What ended a source thread or the leadership elector (empty while all run)."""
+        found = [t.error for t in self.threads if t.error is not None]
+        return found if self.leadership.error is None else [self.leadership.error, *found]
 
     def describe(self) -> str:
         parts = []

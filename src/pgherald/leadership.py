@@ -154,6 +154,9 @@ class Leadership:
         self._closing = threading.Event()
         self._thread: threading.Thread | None = None
         self._conn: psycopg.Connection[Any] | None = None
+        self.error: BaseException | None = None
+        """What ended the elector unexpectedly (a bug): every role would wait for it forever,
+        so it stops the sources instead, and whoever runs them raises this."""
 
     def role(self, name: str, title: str) -> Role:
         """Registers a role (before ``start``)."""
@@ -240,6 +243,17 @@ class Leadership:
             self._thread.join(timeout)
 
     def _run(self) -> None:
+        try:
+            self._elect()
+        except BaseException as e:
+            # Not a lost connection (those are retried): a process whose elector died would
+            # stay up capturing nothing, its roles waiting for a lock nobody takes.
+            log.exception("leadership: the elector failed; stopping")
+            self.error = e
+            self.stop.set()
+            self._end_terms()
+
+    def _elect(self) -> None:
         said: str | None = None
         try:
             while not self._closing.is_set():
