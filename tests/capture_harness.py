@@ -324,24 +324,37 @@ def catch_up(
 
 def sessions(settings: Settings) -> str:
     """What each session of the database is doing, and the locks it holds or waits for:
-    the first thing to look at when capture stops moving."""
-    with psycopg.connect(settings.dsn, autocommit=True) as conn:
+    the first thing to look at when capture stops moving. Bounded (a locked queue must not
+    hang the report of a hang), and never raises: it is said on the way to a failure."""
+    try:
+        return _sessions(settings)
+    except psycopg.Error as e:
+        return f"(could not look: {e})"
+
+
+def _sessions(settings: Settings) -> str:
+    with psycopg.connect(settings.dsn, autocommit=True, connect_timeout=5) as conn:
+        conn.execute("SET statement_timeout = '5s'")
         rows = conn.execute(
             "SELECT a.pid, a.application_name, a.state, a.wait_event_type, a.wait_event,"
             " now() - a.backend_start, now() - a.xact_start, left(a.query, 160),"
             " (SELECT string_agg(l.locktype || ':' || l.mode || CASE WHEN l.granted"
-            "   THEN '' ELSE ' (waiting)' END || coalesce(':' || l.objid::text, ''), ', ')"
+            "   THEN '' ELSE ' (waiting)' END || coalesce(':' || l.relation::regclass::text, ':' || l.objid::text, ''), ', ')"
             "  FROM pg_locks l WHERE l.pid = a.pid AND l.locktype <> 'virtualxid')"
             " FROM pg_stat_activity a WHERE a.datname = current_database()"
             " AND a.pid <> pg_backend_pid() ORDER BY a.backend_start"
         ).fetchall()
-        queued = conn.execute(
-            sql.SQL("SELECT count(*) FROM {}").format(
-                sql.Identifier(settings.schema, "trigger_queue")
-            )
-        ).fetchone()
-    lines = [" | ".join("" if v is None else str(v) for v in r) for r in rows]
-    lines.append(f"trigger queue rows: {queued[0] if queued else '?'}")
+        lines = [" | ".join("" if v is None else str(v) for v in r) for r in rows]
+        try:
+            conn.execute("SET lock_timeout = '1s'")
+            queued = conn.execute(
+                sql.SQL("SELECT count(*) FROM {}").format(
+                    sql.Identifier(settings.schema, "trigger_queue")
+                )
+            ).fetchone()
+            lines.append(f"trigger queue rows: {queued[0] if queued else '?'}")
+        except psycopg.errors.LockNotAvailable:
+            lines.append("trigger queue rows: (the queue is locked)")
     return "\n".join(lines)
 
 
