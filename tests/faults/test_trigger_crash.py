@@ -276,7 +276,10 @@ def wait_draining(proc: h.CaptureProcess, since: datetime, timeout: float = 30.0
             if row and row[0]:
                 return
             time.sleep(0.02)
-    raise AssertionError(f"pgherald run did not start draining in time:\n{proc.log()[-3000:]}")
+    raise AssertionError(
+        f"pgherald run did not start draining in {timeout:g}s; the database's sessions:\n"
+        f"{h.sessions(proc.settings)}\n-- its log:\n{proc.log()[-3000:]}"
+    )
 
 
 def drain_in_progress(conn: psycopg.Connection[Any]) -> bool:
@@ -430,7 +433,11 @@ def test_sigkill_of_the_drainer_at_random_moments_loses_and_duplicates_nothing(
                 raise w.error
         workload_done = time.monotonic()
         assert journal.changes >= TOTAL_CHANGES
+        since = server_now(dsn)
         proc.start()
+        # In two steps, so that a failure says which: the last drainer never took the
+        # queue's lock, or it took it and stored nothing.
+        wait_draining(proc, since, timeout=60)
         h.catch_up(
             settings,
             timeout=60,
